@@ -1,0 +1,122 @@
+"""YAML configuration: one nested dict of defaults, merged with the user's file and command-line overrides.
+
+Every key a stage reads is listed in DEFAULTS, so a misspelt key is an error, not a silent default.
+Sections a stage does not use are simply ignored by it.
+"""
+import copy
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import UserError
+
+DEFAULTS = {
+    "device": "auto",                 # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
+    "seed": 0,
+    "dataset": {
+        "name": "fashion-mnist",      # fashion-mnist | cifar100 | imagefolder | synthetic
+        "root": None,                 # folder of the data set; None = the data set's default location
+        "subset": None,               # keep the first N training samples (ids 0..N-1)
+        "options": {},                # extra options of the data set (synthetic: num_samples, num_classes, ...)
+    },
+    "teacher": {
+        "arch": "fmnist_resnet",
+        "checkpoint": "checkpoints/fashion-mnist/fmnist_resnet.pt",
+        # stage 0 (bootstrap a teacher when the user has none)
+        "epochs": 8,
+        "batch_size": 128,
+        "lr": 0.1,
+        "weight_decay": 5e-4,
+    },
+    "views": {                        # checked by pipeline.views.ViewSpace.from_config (see there per kind)
+        "kind": "crop_flip",          # crop_flip | resized_crop_flip | center_crop
+        "padding": 2,                 # crop_flip: zero padding before the crop
+        "flip": True,                 # horizontal flip views
+        "views": "all",               # "all" (every view of a finite space) or K views per sample
+        "seed": 0,                    # seed of the K sampled views (recorded in the store)
+    },
+    "cache": {
+        "store": "stores/fashion-mnist/fmnist_resnet.zarr",
+        "dtype": "float16",           # float16 | float32
+        "samples_per_chunk": 256,     # chunk = (samples_per_chunk, V, K)
+        "chunks_per_shard": 16,       # shard = the unit of work, resume and ownership between processes
+        "batch_size": 512,            # teacher batch, in (sample, view) images
+        "amp": False,                 # CUDA only: run the teacher under float16 autocast
+    },
+    "stats": {                        # stage 2 (kdcache stats); names and formulas: pipeline/stats.py
+        "statistics": "all",          # "all" or a list of names, e.g. [mlt_temperature, wttm_power_sum]
+        "t_base": 2.0,                # LS effective temperature T_base * std (LS paper default 2)
+        "gammas": [0.1, 0.3],         # WTTM power sums U_gamma (reported gammas: 0.1, 0.3)
+        "std": "unbiased",            # unbiased (K-1, the LS authors' code) | population (K, the LS paper)
+        "ece_bins": 15,               # calibration error bins
+        "scheduler": None,            # address of a running dask.distributed scheduler
+        "workers": None,              # N: start a local cluster of N processes; None: local threads
+    },
+    "train": {                        # stage 3 (kdcache train); checked by stages.train_student.check_train
+        "student": "fmnist_cnn",      # zoo name (pipeline/models.py) or tv:<torchvision name>
+        "method": "kd",               # ce | kd | ttm | wttm | dkd | mlt (formulas: pipeline/losses.py)
+        "params": {},                 # the method's hyper-parameters (losses.METHOD_PARAMS); missing = defaults
+        "online": False,              # true: run the teacher live on the same views instead of reading the cache
+        "epochs": 10,
+        "batch_size": 128,
+        "optimizer": "sgd",           # sgd (momentum, weight decay) | adamw
+        "lr": 0.05,
+        "momentum": 0.9,              # sgd only
+        "nesterov": False,            # sgd only
+        "weight_decay": 5e-4,
+        "schedule": "cosine",         # cosine (per step, down to 0) | step (x lr_decay at each milestone) | constant
+        "milestones": [],             # step: epochs after which the lr is multiplied by lr_decay
+        "lr_decay": 0.1,
+        "memory_gb": 4.0,             # load the cached logits when they take at most this, else read Zarr blocks
+        "chunks_per_block": 16,       # Zarr reading: store chunks read (and shuffled) together
+        "eval_batch_size": 1024,
+        "out": "runs/fashion-mnist/kd",  # run folder: metrics.jsonl, checkpoint.pt, student.pt, result.json
+    },
+}
+
+
+# Sections whose keys depend on a `kind`: a different kind replaces the section, its own checker validates it.
+BY_KIND = ("views",)
+
+
+def merge(base: dict, update: dict, where: str = "") -> dict:
+    """Recursively merge `update` into a copy of `base`; keys that `base` lacks are errors."""
+    out = copy.deepcopy(base)
+    for key, value in (update or {}).items():
+        name = f"{where}{key}"
+        if name in BY_KIND and isinstance(value, dict):
+            same_kind = value.get("kind", base[key]["kind"]) == base[key]["kind"]
+            out[key] = {**base[key], **value} if same_kind else dict(value)
+            continue
+        if key not in base:
+            raise UserError(f"unknown config key '{name}' (known here: {', '.join(sorted(base))})")
+        if isinstance(base[key], dict) and base[key] and not isinstance(value, dict):
+            raise UserError(f"config key '{name}' must be a mapping, got {value!r}")
+        if isinstance(base[key], dict) and base[key]:
+            out[key] = merge(base[key], value, f"{name}.")
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path=None, overrides: dict | None = None) -> dict:
+    """Defaults <- YAML file <- overrides (nested dict; None values are ignored)."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise UserError(f"cannot read config {path}: {e.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config {path} must be a YAML mapping at the top level")
+        cfg = merge(cfg, data)
+    return merge(cfg, _drop_none(overrides or {}))
+
+
+def _drop_none(d: dict) -> dict:
+    return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}

@@ -1,0 +1,144 @@
+"""Stage 1: run the teacher once over data set x views and write its logits to the cache store.
+
+Work is split into shards of samples. A shard is computed, handed to a background writer thread (so
+the teacher never waits for compression or the disk), written whole, and only then recorded done; a
+restarted run skips done shards. Shards are dealt round-robin to processes (--num-shards/--shard-index,
+or torchrun's WORLD_SIZE/RANK), so no shard is ever written by two processes.
+"""
+import os
+import queue
+import threading
+
+import numpy as np
+import torch
+import zarr
+from tqdm import tqdm
+
+import pipeline
+from pipeline.data import load_dataset
+from pipeline.errors import UserError
+from pipeline.inference import accuracy, model_logits
+from pipeline.models import file_sha256, load_checkpoint, select_device
+from pipeline.store import CacheStore
+from pipeline.views import ViewSpace
+
+
+def cache_teacher(cfg: dict, *, num_shards: int = 1, shard_index: int = 0, overwrite: bool = False,
+                  progress: bool = True) -> CacheStore:
+    """Fill the store cfg['cache']['store'] with the teacher's logits for this process's shards."""
+    if not 0 <= shard_index < num_shards:
+        raise UserError(f"--shard-index must be in 0..{num_shards - 1}, got {shard_index}")
+    if overwrite and num_shards > 1:
+        raise UserError("--overwrite cannot be combined with several processes; delete the store first")
+    torch.manual_seed(cfg["seed"])
+    dcfg, ccfg = cfg["dataset"], cfg["cache"]
+    data = load_dataset(dcfg["name"], "train", root=dcfg["root"], subset=dcfg["subset"], **dcfg["options"])
+    space = ViewSpace.from_config(cfg["views"], data.image_size)
+    device = select_device(cfg["device"])
+    teacher, info = load_checkpoint(cfg["teacher"]["checkpoint"], arch=cfg["teacher"]["arch"],
+                                    num_classes=data.num_classes, in_channels=data.channels, device=device)
+    manifest = {
+        "teacher": {
+            "arch": cfg["teacher"]["arch"],
+            "num_classes": data.num_classes,
+            "in_channels": data.channels,
+            "checkpoint_sha256": file_sha256(cfg["teacher"]["checkpoint"]),
+            "test_accuracy": _teacher_accuracy(teacher, info, dcfg, device),
+        },
+        "dataset": data.describe(),
+        "preprocessing": {"mean": list(data.mean), "std": list(data.std), "resolution": space.output_size},
+        "views": space.to_manifest(),
+        "logits": {"dtype": ccfg["dtype"]},
+        "software": {"kdcache": pipeline.__version__, "torch": torch.__version__, "zarr": zarr.__version__},
+    }
+    store = CacheStore.open_or_create(
+        ccfg["store"], manifest, overwrite=overwrite, num_samples=len(data), num_views=space.num_views,
+        num_classes=data.num_classes, num_params=space.num_params, dtype=ccfg["dtype"],
+        samples_per_chunk=ccfg["samples_per_chunk"], chunks_per_shard=ccfg["chunks_per_shard"])
+
+    done = store.done()
+    todo = [s for s in range(store.num_shards) if s % num_shards == shard_index and not done[s]]
+    with ShardWriter(store) as writer:
+        for shard in tqdm(todo, desc=f"stage 1 shards (process {shard_index}/{num_shards})",
+                          disable=not progress, unit="shard"):
+            rows = store.shard_rows(shard)
+            ids = np.arange(rows.start, rows.stop)
+            params = space.sample_params(ids, _image_sizes(data, ids))
+            logits = model_logits(teacher, data, ids, params, space, batch_size=ccfg["batch_size"],
+                                  device=device, amp=ccfg["amp"])
+            stored = _checked_cast(logits, ccfg["dtype"], shard)
+            writer.put(shard, stored, params, data.labels[ids].astype(np.int32))
+    store.mark_complete_if_done()
+    return store
+
+
+def _teacher_accuracy(teacher, info, dcfg, device) -> float:
+    """The checkpoint's recorded test accuracy, or measured now on the test split (identity view)."""
+    recorded = info.get("meta", {}).get("test_accuracy")
+    if recorded is not None:
+        return float(recorded)
+    test = load_dataset(dcfg["name"], "test", root=dcfg["root"], **dcfg["options"])
+    return accuracy(teacher, test, ViewSpace.identity(test.image_size), device=device)
+
+
+def _image_sizes(data, ids):
+    return data.image_size if data.image_size is not None else data.image_sizes(ids)
+
+
+def _checked_cast(logits: np.ndarray, dtype: str, shard: int) -> np.ndarray:
+    """Refuse NaN/Inf teacher outputs (and float16 overflow) instead of caching garbage."""
+    bad = int((~np.isfinite(logits)).sum())
+    if bad:
+        raise UserError(f"the teacher produced {bad} NaN/Inf logits in shard {shard}; nothing of it was "
+                        "written and the store stays incomplete (check the checkpoint and input normalisation)")
+    stored = logits.astype(dtype)
+    over = int((~np.isfinite(stored)).sum())
+    if over:
+        raise UserError(f"{over} logits in shard {shard} exceed the float16 range; "
+                        "set cache.dtype: float32")
+    return stored
+
+
+class ShardWriter:
+    """A background thread that writes finished shards while the teacher computes the next ones.
+
+    The queue holds at most two shards, so a slow disk applies back-pressure instead of filling memory.
+    An error in the writer is re-raised in the caller at the next put() or at exit.
+    """
+
+    def __init__(self, store: CacheStore):
+        self.store, self.queue, self.error = store, queue.Queue(maxsize=2), None
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def put(self, shard, logits, views, labels):
+        self._raise()
+        self.queue.put((shard, logits, views, labels))
+
+    def _run(self):
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.store.write_shard(*item)
+                except BaseException as e:  # handed to the main thread
+                    self.error = e
+
+    def _raise(self):
+        if self.error is not None:
+            raise self.error
+
+    def __exit__(self, exc_type, exc, tb):
+        self.queue.put(None)
+        self.thread.join()
+        if exc_type is None:
+            self._raise()
+
+
+def shards_from_env(num_shards, shard_index):
+    """Under torchrun (WORLD_SIZE/RANK set) each rank takes its share unless told otherwise."""
+    if num_shards is None:
+        return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    return num_shards, shard_index or 0

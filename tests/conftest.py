@@ -1,0 +1,43 @@
+"""Shared fixtures: the smoke configuration (synthetic data, tiny teacher) with paths under tmp."""
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke" / "synthetic.yaml"
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory):
+    """The smoke teacher, trained once per session by stage 0."""
+    from stages.train_teacher import train_teacher
+    path = tmp_path_factory.mktemp("teacher") / "tiny_teacher.pt"
+    cfg = load_config(SMOKE, {"teacher": {"checkpoint": str(path)}})
+    train_teacher(cfg, progress=False)
+    return path
+
+
+@pytest.fixture
+def smoke_cfg(tmp_path, teacher_ckpt):
+    """A fresh copy of the smoke config writing under tmp_path, with the trained teacher."""
+    return load_config(SMOKE, {"teacher": {"checkpoint": str(teacher_ckpt)},
+                               "cache": {"store": str(tmp_path / "cache.zarr")}})
+
+
+def write_config(cfg: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(copy.deepcopy(cfg)))
+    return path
+
+
+def kdcache(*args, **kw) -> subprocess.Popen:
+    """Start the real CLI in a subprocess (as a user would run it)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-c", "from pipeline.cli import main; main()", *map(str, args)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
