@@ -32,7 +32,7 @@ DEFAULTS = {
         "kind": "crop_flip",          # crop_flip | resized_crop_flip | center_crop
         "padding": 2,                 # crop_flip: zero padding before the crop
         "flip": True,                 # horizontal flip views
-        "views": "all",               # "all" (every view of a finite space) or K views per sample
+        "views": 8,                   # "all" (every view of a finite space) or K views per sample
         "seed": 0,                    # seed of the K sampled views (recorded in the store)
     },
     "cache": {

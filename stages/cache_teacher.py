@@ -18,7 +18,7 @@ import pipeline
 from pipeline.data import load_dataset
 from pipeline.errors import UserError
 from pipeline.inference import accuracy, model_logits
-from pipeline.models import file_sha256, load_checkpoint, select_device
+from pipeline.models import load_checkpoint, select_device
 from pipeline.store import CacheStore
 from pipeline.views import ViewSpace
 
@@ -42,7 +42,7 @@ def cache_teacher(cfg: dict, *, num_shards: int = 1, shard_index: int = 0, overw
             "arch": cfg["teacher"]["arch"],
             "num_classes": data.num_classes,
             "in_channels": data.channels,
-            "checkpoint_sha256": file_sha256(cfg["teacher"]["checkpoint"]),
+            "checkpoint_sha256": info["sha256"],
             "test_accuracy": _teacher_accuracy(teacher, info, dcfg, device),
         },
         "dataset": data.describe(),

@@ -27,7 +27,7 @@ def train_teacher(cfg: dict, *, progress: bool = True) -> float:
     if data.image_size is None:
         raise UserError("stage 0 trains on fixed-size data sets only; bring your own teacher checkpoint")
     space = ViewSpace.from_config(cfg["views"], data.image_size)
-    model = build_model(tcfg["arch"], data.num_classes, data.channels).to(device)
+    model = build_model(tcfg["arch"], data.num_classes, data.channels, image_size=data.image_size[0]).to(device)
     steps = -(-len(data) // tcfg["batch_size"])
     opt = torch.optim.SGD(model.parameters(), lr=tcfg["lr"], momentum=0.9, weight_decay=tcfg["weight_decay"],
                           nesterov=True)
@@ -52,7 +52,7 @@ def train_teacher(cfg: dict, *, progress: bool = True) -> float:
     model.eval()
     acc = accuracy(model, test, ViewSpace.identity(test.image_size), device=device)
     save_checkpoint(tcfg["checkpoint"], model.cpu(), arch=tcfg["arch"], num_classes=data.num_classes,
-                    in_channels=data.channels,
+                    in_channels=data.channels, image_size=data.image_size[0],
                     meta={"test_accuracy": acc, "dataset": data.describe(), "epochs": tcfg["epochs"],
                           "train_seconds": round(time.time() - start, 1)})
     return acc

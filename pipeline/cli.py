@@ -1,0 +1,193 @@
+"""The `kdcache` command: one sub-command per stage, each a thin call of its stage module.
+
+Options override values of the YAML config. User mistakes end in one line `Error: ...` and exit 1.
+"""
+import click
+
+from pipeline.config import load_config
+from pipeline.errors import UserError
+
+
+class Commands(click.Group):
+    """Turns UserError into click's one-line error instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            raise click.ClickException(str(e)) from None
+
+
+config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                             help="YAML config (defaults: the Fashion-MNIST pipeline; see configs/).")
+device_option = click.option("--device", help="auto | cpu | cuda | cuda:N (overrides `device`).")
+
+
+@click.group(cls=Commands)
+@click.version_option(package_name="kdcache")
+def cli():
+    """Offline teacher-logit cache for knowledge distillation: run the teacher once, distil many students."""
+
+
+@cli.command("train-teacher")
+@config_option
+@device_option
+@click.option("--checkpoint", help="Where to save the teacher (overrides teacher.checkpoint).")
+@click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (overrides teacher.epochs).")
+def train_teacher_cmd(config_path, device, checkpoint, epochs):
+    """Stage 0: train the config's teacher with cross-entropy and save it with its test accuracy.
+
+    A bootstrap for users without a teacher checkpoint; stage 1 takes any checkpoint of the zoo.
+    """
+    from stages.train_teacher import train_teacher
+    cfg = load_config(config_path, {"device": device, "teacher": {"checkpoint": checkpoint, "epochs": epochs}})
+    acc = train_teacher(cfg)
+    click.echo(f"teacher {cfg['teacher']['arch']}: test accuracy {acc:.4f}; saved to {cfg['teacher']['checkpoint']}")
+
+
+@cli.command("cache-teacher")
+@config_option
+@device_option
+@click.option("--out", help="Cache store to write (overrides cache.store).")
+@click.option("--checkpoint", help="Teacher checkpoint (overrides teacher.checkpoint).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Teacher batch in images (overrides cache.batch_size).")
+@click.option("--num-shards", type=click.IntRange(min=1),
+              help="Number of processes sharing the work (default: torchrun's WORLD_SIZE, else 1).")
+@click.option("--shard-index", type=click.IntRange(min=0),
+              help="This process's index in 0..num-shards-1 (default: torchrun's RANK, else 0).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store built from a different manifest.")
+def cache_teacher_cmd(config_path, device, out, checkpoint, batch_size, num_shards, shard_index, overwrite):
+    """Stage 1: run the teacher once over data set x views and write the logits to a Zarr store.
+
+    Resumable: an interrupted run skips the shards it already finished. Several processes may share
+    one store (--num-shards/--shard-index, or torchrun); each writes only its own shards.
+    """
+    from stages.cache_teacher import cache_teacher, shards_from_env
+    cfg = load_config(config_path, {"device": device, "cache": {"store": out, "batch_size": batch_size},
+                                    "teacher": {"checkpoint": checkpoint}})
+    n, i = shards_from_env(num_shards, shard_index)
+    store = cache_teacher(cfg, num_shards=n, shard_index=i, overwrite=overwrite)
+    done = int(store.done().sum())
+    click.echo(f"{store.path}: {done}/{store.num_shards} shards done, status {store.status}; "
+               f"logits {store.logits.shape} {store.logits.dtype}")
+
+
+@cli.command("config")
+@config_option
+@click.argument("key", required=False)
+def config_cmd(config_path, key):
+    """Print the resolved config (defaults <- FILE) as YAML, or the value of one dotted KEY."""
+    import yaml
+    cfg = load_config(config_path)
+    if key:
+        for part in key.split("."):
+            if not isinstance(cfg, dict) or part not in cfg:
+                raise UserError(f"no config key '{key}'")
+            cfg = cfg[part]
+    click.echo(cfg if key and not isinstance(cfg, dict) else yaml.safe_dump(cfg, sort_keys=False).rstrip())
+
+
+@cli.command("stats")
+@click.argument("store", required=False)
+@config_option
+@click.option("--stat", "statistics", multiple=True,
+              help="A statistic to compute (repeatable; names: pipeline/stats.py; default: stats.statistics = all).")
+@click.option("--t-base", type=float, help="LS base temperature T_base (overrides stats.t_base).")
+@click.option("--gamma", "gammas", type=float, multiple=True, help="WTTM gamma (repeatable; overrides stats.gammas).")
+@click.option("--std", type=click.Choice(["unbiased", "population"]),
+              help="std convention: unbiased (K-1, the LS code; default) or population (K).")
+@click.option("--ece-bins", type=int, help="Calibration bins (overrides stats.ece_bins).")
+@click.option("--scheduler", help="Address of a running dask.distributed scheduler (its workers must see STORE).")
+@click.option("--workers", type=int, help="Start a local dask.distributed cluster of N worker processes.")
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Also write PNG plots into this folder.")
+def stats_cmd(store, config_path, statistics, t_base, gammas, std, ece_bins, scheduler, workers, plot_dir):
+    """Stage 2: per-(sample, view) temperatures and statistics of the cached logits, with Dask.
+
+    Writes into STORE's stats/ group (default STORE: the config's cache.store). Statistics already
+    computed with the same parameters from the same logits are kept; stale ones are recomputed.
+    """
+    from stages.compute_stats import compute_stats, plot_stats
+    cfg = load_config(config_path, {"cache": {"store": store}, "stats": {
+        "statistics": list(statistics) or None, "t_base": t_base, "gammas": list(gammas) or None, "std": std,
+        "ece_bins": ece_bins, "scheduler": scheduler, "workers": workers}})
+    s = cfg["stats"]
+    if scheduler or workers:  # one on the command line replaces the other from the config
+        s["scheduler"], s["workers"] = scheduler, workers
+    done = compute_stats(cfg["cache"]["store"], s, scheduler=s["scheduler"], workers=s["workers"])
+    click.echo(f"{done['store']}: computed {len(done['computed'])} statistics arrays"
+               + (f" ({len(done['stale'])} stale ones recomputed)" if done["stale"] else "")
+               + f", {len(done['up_to_date'])} already up to date")
+    if plot_dir:
+        files = plot_stats(cfg["cache"]["store"], s, plot_dir)
+        click.echo(f"wrote {len(files)} plots to {plot_dir}")
+
+
+@cli.command("train")
+@config_option
+@device_option
+@click.option("--cache", "store", help="Cache store to read the targets from (overrides cache.store).")
+@click.option("--online", is_flag=True, default=None,
+              help="Run the teacher live on the same views instead of reading the cache (sets train.online).")
+@click.option("--out", help="Run folder (overrides train.out); an existing run there is resumed.")
+@click.option("--seed", type=click.IntRange(min=0), help="Seed of the student's init, views and order (overrides seed).")
+@click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (overrides train.epochs).")
+def train_cmd(config_path, device, store, online, out, seed, epochs):
+    """Stage 3: train the config's student with its distillation method against the cached targets.
+
+    Writes metrics.jsonl (per epoch), checkpoint.pt, student.pt and result.json into the run folder;
+    a run killed part-way and started again resumes from its last finished epoch.
+    """
+    from stages.train_student import train_student
+    cfg = load_config(config_path, {"device": device, "seed": seed, "cache": {"store": store},
+                                    "train": {"online": online, "out": out, "epochs": epochs}})
+    r = train_student(cfg)
+    click.echo(f"{r['method']} ({r['mode']}, {r['student']}): last test accuracy {r['last_accuracy']:.4f}, "
+               f"best {r['best_accuracy']:.4f} (epoch {r['best_epoch']}); {cfg['train']['out']}/result.json")
+
+
+@cli.command("grid")
+@click.argument("grid_file", type=click.Path(dir_okay=False))
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Worker processes of the local dask cluster (default: one per core, at most one per run).")
+@click.option("--scheduler", help="Address of a running dask.distributed scheduler: run on its workers instead "
+                                  "(they must see the store and the grid folder at the same paths).")
+def grid_cmd(grid_file, workers, scheduler):
+    """Stage 3 many times: every run of GRID_FILE (methods x students x hyper-parameters x seeds) on dask.
+
+    Finished runs are skipped and interrupted ones resume from their checkpoints; a failing run is
+    reported and the others go on. Ends by writing the report (kdcache report) and printing its table.
+    """
+    from pipeline.report import write_report
+    from stages.grid import run_grid
+    if workers and scheduler:
+        raise UserError("give --workers (a local cluster) or --scheduler (an existing one), not both")
+    done = run_grid(grid_file, workers=workers, scheduler=scheduler)
+    report = write_report(done["out"])
+    click.echo(report["markdown"])
+    click.echo(f"{done['done']} runs trained, {done['skipped']} already finished, {len(done['failed'])} failed; "
+               f"report: {', '.join(str(f) for f in report['files'])}")
+    if done["failed"]:
+        raise SystemExit(1)
+
+
+@cli.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--no-plots", is_flag=True, help="Write only the Markdown and CSV tables.")
+def report_cmd(run_dir, no_plots):
+    """Tables (results.md, results.csv) and plots (accuracy.png, curves.png) of a grid folder.
+
+    One row per student x method x hyper-parameters: mean and std over seeds of the best and last
+    epoch test accuracy, and the mean wall time per run.
+    """
+    from pipeline.report import write_report
+    report = write_report(run_dir, plots=not no_plots)
+    click.echo(report["markdown"])
+    click.echo(f"wrote {', '.join(str(f) for f in report['files'])}")
+
+
+def main():
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""Stage 2 statistics of cached teacher logits: settings, output names, and the per-block kernels.
+
+Everything here is a pure function of numpy blocks; stages/compute_stats.py runs it with Dask over a
+store and writes the results into the store's `stats/` group. Formulas: METHODS.md.
+
+The max-logit temperature and the WTTM power sum have their reference implementation in
+pipeline.losses (`max_logit_temperature`, `teacher_power_sum`: what stage 3 trains with). The kernel
+computes the same two values from intermediates it already has, because calling those functions per
+row costs half of stage 2's time (docs/BENCHMARKS.md, "Stage 2"): max_k |Z(z)_k| is reached at the
+largest or the smallest logit, so it is max(max - mean, mean - min) / (std + 1e-7) without a
+standardized (R, K) copy; U_gamma = sum_k exp(gamma * log_softmax(z)_k) reuses the log-softmax.
+tests/test_stats.py pins both to the pipeline.losses functions, so the two cannot drift apart.
+
+Array names under `stats/` (one array per statistic and parameter setting, so new parameters add new
+arrays and never overwrite old ones). Per (sample, view) row, shape (N, V), float32 unless said:
+
+    mean                              mean of the K logits
+    std_{unbiased|population}         std of the K logits; unbiased divides by K-1 (the LS authors'
+                                      released code, our default), population by K (the LS paper)
+    max, min, logsumexp               of the K logits
+    entropy                           of softmax(z) at T=1, in nats
+    margin                            top-1 minus top-2 logit (0 on ties)
+    top1_correct (bool)               the teacher's top-1 class (the first one on ties) is the label
+    ls_temperature_t{T}_{std}         logit-standardization effective temperature T_base * std(z)
+    max_abs_zscore_{std}              max_k |Z(z)_k|, Z(z) = (z - mean) / (std + 1e-7)
+    mlt_temperature_{std}             max-logit adaptive temperature (1 + sqrt 3)/2 * max_k |Z(z_t)_k|,
+                                      the paper's teacher-only variant
+    wttm_power_sum_gamma{g}           WTTM's U_gamma = sum_k softmax(z)_k ^ gamma
+
+Per class k (rows grouped by their LABEL; NaN for a class without rows), float64:
+
+    class_count        (K,)   number of (sample, view) rows with label k (int64)
+    class_accuracy     (K,)   fraction of them whose top-1 is k
+    class_mean_softmax (K, K) row k = mean teacher softmax over them (a class-similarity matrix)
+    class_ece_bins{B}  (K,)   expected calibration error of them: confidence = max softmax,
+                              B equal-width bins (lo, hi] on [0, 1],
+                              ECE = sum_b |bin b| / n * |accuracy(b) - mean confidence(b)|
+    ece_bins{B}        ()     the same over all rows
+
+Numbers in names are written exactly (repr of the float, without a trailing ".0"): t2, gamma0.1, t1.5.
+Every array's attributes record its statistic, parameters and the fingerprint of the logits it came
+from (see stages/compute_stats.py). Everything is computed in float32 whatever the stored dtype
+(exp overflows in float16); per-class sums accumulate in float64.
+"""
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pipeline.errors import UserError
+from pipeline.losses import MLT_CONSTANT
+
+STD_EPS = 1e-7  # the epsilon of Z(z) = (z - mean) / (std + eps), as in pipeline.losses.standardize
+
+STD_CONVENTIONS = ("unbiased", "population")
+
+# statistic -> (what it is, the settings its value depends on)
+ROW_STATISTICS = {
+    "mean": ("mean of the K logits", ()),
+    "std": ("standard deviation of the K logits", ("std",)),
+    "max": ("largest logit", ()),
+    "min": ("smallest logit", ()),
+    "logsumexp": ("log sum_k exp(z_k)", ()),
+    "entropy": ("entropy of softmax(z) at T=1, nats", ()),
+    "margin": ("top-1 minus top-2 logit", ()),
+    "top1_correct": ("the teacher's top-1 class (first on ties) is the label", ()),
+    "ls_temperature": ("logit-standardization effective temperature T_base * std(z)", ("t_base", "std")),
+    "max_abs_zscore": ("max_k |Z(z)_k|, Z(z) = (z - mean) / (std + 1e-7)", ("std",)),
+    "mlt_temperature": ("max-logit adaptive temperature (1 + sqrt 3)/2 * max_k |Z(z_t)_k| (teacher-only)",
+                        ("std",)),
+    "wttm_power_sum": ("WTTM power sum U_gamma = sum_k softmax(z)_k ^ gamma", ("gamma",)),
+}
+CLASS_STATISTICS = {
+    "class_count": ("number of (sample, view) rows per label", ()),
+    "class_accuracy": ("teacher top-1 accuracy per label", ()),
+    "class_mean_softmax": ("mean teacher softmax per label: a K x K class-similarity matrix", ()),
+    "class_ece": ("expected calibration error per label (max-softmax confidence, equal-width bins)",
+                  ("ece_bins",)),
+    "ece": ("expected calibration error over all rows (max-softmax confidence, equal-width bins)",
+            ("ece_bins",)),
+}
+STATISTICS = {**ROW_STATISTICS, **CLASS_STATISTICS}
+
+
+
+def check_settings(settings: dict) -> dict:
+    """Validate what the `stats` config section asks to compute (statistics, t_base, gammas, std,
+    ece_bins; other keys are ignored); UserError on mistakes.
+
+    Returns a normalised copy: statistics as a list of names, floats for t_base and gammas (duplicates
+    dropped, order kept), an int for ece_bins.
+    """
+    stats = settings.get("statistics", "all")
+    if isinstance(stats, str):
+        stats = [stats]
+    if isinstance(stats, (list, tuple)) and "all" in stats:
+        stats = list(STATISTICS)
+    if not isinstance(stats, (list, tuple)) or not stats:
+        raise UserError(f"stats.statistics must be 'all' or a list of names, got {stats!r}")
+    unknown = [s for s in stats if s not in STATISTICS]
+    if unknown:
+        raise UserError(f"unknown statistic(s) {', '.join(map(repr, unknown))}; "
+                        f"known: {', '.join(STATISTICS)} (or 'all')")
+    t_base = _positive("stats.t_base (T_base)", settings.get("t_base"))
+    gammas = settings.get("gammas")
+    gammas = [gammas] if _is_number(gammas) else gammas
+    if not isinstance(gammas, (list, tuple)):
+        raise UserError(f"stats.gammas must be a list of numbers > 0, got {gammas!r}")
+    gammas = list(dict.fromkeys(_positive("stats.gammas (gamma)", g) for g in gammas))
+    if "wttm_power_sum" in stats and not gammas:
+        raise UserError("the statistic wttm_power_sum needs at least one gamma (stats.gammas or --gamma)")
+    std = settings.get("std")
+    if std not in STD_CONVENTIONS:
+        raise UserError(f"stats.std must be one of {', '.join(STD_CONVENTIONS)}, got {std!r}")
+    bins = settings.get("ece_bins")
+    if not (isinstance(bins, int) and not isinstance(bins, bool) and bins >= 1):
+        raise UserError(f"stats.ece_bins must be an integer >= 1, got {bins!r}")
+    return {"statistics": list(dict.fromkeys(stats)), "t_base": t_base, "gammas": gammas,
+            "std": std, "ece_bins": bins}
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _positive(what, v):
+    if not (_is_number(v) and math.isfinite(v) and v > 0):
+        raise UserError(f"{what} must be a finite number > 0, got {v!r}")
+    return float(v)
+
+
+# ---- output arrays: names and parameters ----------------------------------------------------------
+
+@dataclass
+class Output:
+    """One array of `stats/`: its name, the statistic it holds and the parameters it depends on."""
+    name: str
+    statistic: str
+    params: dict = field(default_factory=dict)
+
+    @property
+    def per_row(self) -> bool:
+        return self.statistic in ROW_STATISTICS
+
+
+def number_name(x: float) -> str:
+    """Exact and short: 2.0 -> '2', 0.1 -> '0.1', 1e-05 -> '1e-05' (two different floats never collide)."""
+    s = repr(float(x))
+    return s[:-2] if s.endswith(".0") else s
+
+
+def output(statistic: str, **params) -> Output:
+    """The array of `statistic` for the given parameters (t_base, std, gamma, ece_bins: as relevant)."""
+    if statistic not in STATISTICS:
+        raise UserError(f"unknown statistic {statistic!r}; known: {', '.join(STATISTICS)}")
+    needs = STATISTICS[statistic][1]
+    missing = [n for n in needs if n not in params]
+    if missing:
+        raise UserError(f"statistic {statistic} needs the parameter(s) {', '.join(missing)}")
+    p = {n: params[n] for n in needs}
+    if "t_base" in p:
+        p["t_base"] = _positive("T_base", p["t_base"])
+    if "gamma" in p:
+        p["gamma"] = _positive("gamma", p["gamma"])
+    if "std" in p and p["std"] not in STD_CONVENTIONS:
+        raise UserError(f"std must be one of {', '.join(STD_CONVENTIONS)}, got {p['std']!r}")
+    name = statistic
+    if statistic == "std":
+        name = f"std_{p['std']}"
+    elif statistic == "ls_temperature":
+        name = f"ls_temperature_t{number_name(p['t_base'])}_{p['std']}"
+    elif statistic in ("max_abs_zscore", "mlt_temperature"):
+        name = f"{statistic}_{p['std']}"
+    elif statistic == "wttm_power_sum":
+        name = f"wttm_power_sum_gamma{number_name(p['gamma'])}"
+    elif statistic in ("class_ece", "ece"):
+        name = f"{statistic}_bins{p['ece_bins']}"
+    return Output(name, statistic, p)
+
+
+def plan_outputs(settings: dict) -> list[Output]:
+    """Every array that checked settings ask for, row statistics first (in STATISTICS order)."""
+    s = settings
+    outs = []
+    for stat in STATISTICS:
+        if stat not in s["statistics"]:
+            continue
+        if stat == "wttm_power_sum":
+            outs += [output(stat, gamma=g) for g in s["gammas"]]
+        else:
+            outs.append(output(stat, t_base=s["t_base"], std=s["std"], ece_bins=s["ece_bins"]))
+    return outs
+
+
+# ---- kernels ------------------------------------------------------------------------------------
+
+def _once(cache: dict, key, compute):
+    """An intermediate value shared by several statistics of one batch, computed on first use."""
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
+def _common(z: torch.Tensor, cache: dict, key: str) -> torch.Tensor:
+    """Intermediates several statistics share: mean, max, min, logsumexp, log-softmax, softmax, top-1
+    index (the first on ties)."""
+    if key in ("mean", "max", "min"):
+        reduce = {"mean": torch.mean, "max": torch.amax, "min": torch.amin}[key]
+        return _once(cache, key, lambda: reduce(z, dim=-1))
+    if key == "lse":
+        return _once(cache, key, lambda: torch.logsumexp(z, dim=-1))
+    if key == "log_softmax":
+        return _once(cache, key, lambda: z - _common(z, cache, "lse")[:, None])
+    if key == "softmax":
+        return _once(cache, key, lambda: _common(z, cache, "log_softmax").exp())
+    if key == "argmax":
+        return _once(cache, key, lambda: z.argmax(dim=-1))
+    raise KeyError(key)
+
+
+def row_statistics(z: torch.Tensor, labels: torch.Tensor, outputs: list[Output],
+                   cache: dict | None = None) -> list[torch.Tensor]:
+    """Per-row values (R,) of each per-row output, for float32 logits z (R, K) and labels (R,)."""
+    cache = {} if cache is None else cache
+
+    def std(convention):  # two passes: sqrt(sum (z - mean)^2 / (K - 1 or K)); 4x faster than torch.std
+        def compute():
+            d = z - _common(z, cache, "mean")[:, None]
+            return (torch.linalg.vecdot(d, d) / (z.shape[-1] - (convention == "unbiased"))).sqrt()
+        return _once(cache, ("std", convention), compute)
+
+    def max_abs_z(convention):  # max_k |Z(z)_k|, reached at the largest or the smallest logit
+        def compute():
+            mean, top, bottom = (_common(z, cache, k) for k in ("mean", "max", "min"))
+            return torch.maximum(top - mean, mean - bottom) / (std(convention) + STD_EPS)
+        return _once(cache, ("max_abs_z", convention), compute)
+
+    values = []
+    for o in outputs:
+        s, p = o.statistic, o.params
+        if s in ("mean", "max", "min"):
+            v = _common(z, cache, s)
+        elif s == "std":
+            v = std(p["std"])
+        elif s == "logsumexp":
+            v = _common(z, cache, "lse")
+        elif s == "entropy":  # -sum_k p_k log p_k (not lse - sum_k p_k z_k: that cancels for large z)
+            v = -torch.linalg.vecdot(_common(z, cache, "softmax"), _common(z, cache, "log_softmax"))
+        elif s == "margin":  # the largest logit minus the largest other one (0 on a tie); 3x faster than topk
+            others = z.scatter(-1, _common(z, cache, "argmax")[:, None], float("-inf"))
+            v = _common(z, cache, "max") - others.amax(dim=-1)
+        elif s == "top1_correct":
+            v = (_common(z, cache, "argmax") == labels).float()
+        elif s == "ls_temperature":
+            v = p["t_base"] * std(p["std"])
+        elif s == "max_abs_zscore":
+            v = max_abs_z(p["std"])
+        elif s == "mlt_temperature":  # = pipeline.losses.max_logit_temperature(z) (teacher variant)
+            v = MLT_CONSTANT * max_abs_z(p["std"])
+        elif s == "wttm_power_sum":  # = pipeline.losses.teacher_power_sum(z, gamma); each term <= 1
+            v = (p["gamma"] * _common(z, cache, "log_softmax")).exp().sum(dim=-1)
+        else:
+            raise ValueError(f"{s} is not a per-row statistic")
+        values.append(v)
+    return values
+
+
+def add_class_sums(z: torch.Tensor, labels: torch.Tensor, bins: torch.Tensor, probs: torch.Tensor | None,
+                   cache: dict | None = None) -> None:
+    """Add one batch of rows to the per-class sums (in place).
+
+    bins (K, B, 3) float64: per label and confidence bin, [rows, sum of confidences, correct rows];
+    bin b holds confidences in (b/B, (b+1)/B], confidence = max softmax >= 1/K > 0.
+    probs (K, K) float64: per label, the sum of softmax(z) (skipped when None).
+    """
+    cache = {} if cache is None else cache
+    K, B = bins.shape[0], bins.shape[1]
+    conf = (_common(z, cache, "max") - _common(z, cache, "lse")).exp().double()
+    correct = (_common(z, cache, "argmax") == labels).double()
+    b = (torch.ceil(conf * B) - 1).clamp(0, B - 1).long()
+    bins.view(K * B, 3).index_add_(0, labels * B + b, torch.stack([torch.ones_like(conf), conf, correct], -1))
+    if probs is not None:
+        probs.index_add_(0, labels, _common(z, cache, "softmax").double())
+
+
+def block_statistics(logits: np.ndarray, labels: np.ndarray, outputs: list[Output], ece_bins: int,
+                     batch_rows: int = 512):
+    """The Dask task of stage 2: all statistics of one block of the store's samples.
+
+    logits (n, V, K) in the stored dtype, labels (n,). Rows are processed `batch_rows` at a time in
+    float32, which bounds the memory of the temporaries whatever the shard size.
+    Returns rows (n, V, M) float32 with the M per-row outputs in order (top1_correct as 0/1), and the
+    block's class sums (see `add_class_sums`) as a pair: bins (K, B, 3) and probs (K, K), float64,
+    None for what no output asks for.
+    """
+    n, V, K = logits.shape
+    flat = np.ascontiguousarray(logits).reshape(n * V, K)
+    y = torch.from_numpy(np.repeat(np.asarray(labels, dtype=np.int64), V))
+    row_outs = [o for o in outputs if o.per_row]
+    class_stats = {o.statistic for o in outputs if not o.per_row}
+    rows = np.empty((n * V, len(row_outs)), dtype=np.float32)
+    bins = torch.zeros(K, ece_bins, 3, dtype=torch.float64) if class_stats else None
+    probs = torch.zeros(K, K, dtype=torch.float64) if "class_mean_softmax" in class_stats else None
+    buffer = torch.empty(min(batch_rows, n * V), K) if flat.dtype != np.float32 else None
+    for start in range(0, n * V, batch_rows):
+        stop = min(start + batch_rows, n * V)
+        z = torch.from_numpy(flat[start:stop])
+        if buffer is not None:  # float16 -> float32 into one reused buffer (fresh memory is slow to touch)
+            z = buffer[:stop - start].copy_(z)
+        yb, cache = y[start:stop], {}
+        if row_outs:
+            rows[start:stop] = torch.stack(row_statistics(z, yb, row_outs, cache), dim=-1).numpy()
+        if bins is not None:
+            add_class_sums(z, yb, bins, probs, cache)
+    return rows.reshape(n, V, len(row_outs)), (None if bins is None else bins.numpy(),
+                                                None if probs is None else probs.numpy())
+
+
+def class_statistics(bins: np.ndarray, probs, outputs: list[Output]) -> dict[str, np.ndarray]:
+    """The per-class outputs from the class sums of the whole store (see `add_class_sums`)."""
+    count = bins[..., 0].sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values = {
+            "class_count": count.astype(np.int64),
+            "class_accuracy": bins[..., 2].sum(axis=1) / count,
+            "class_ece": np.abs(bins[..., 2] - bins[..., 1]).sum(axis=1) / count,
+            "ece": np.float64(np.abs(bins[..., 2].sum(0) - bins[..., 1].sum(0)).sum() / count.sum()),
+        }
+        if probs is not None:
+            values["class_mean_softmax"] = probs / count[:, None]
+    return {o.name: values[o.statistic] for o in outputs if not o.per_row}

@@ -1,0 +1,303 @@
+"""Stage 2: per-(sample, view) temperatures and statistics of the cached logits, with Dask.
+
+The logits are read with `da.from_zarr` in blocks aligned with the store's shards: a block is a whole
+number of the store's chunks inside one shard (the whole shard when it holds at most 8 MiB of logits,
+see `block_samples`), so a task reads only its own chunks and its memory stays bounded whatever the
+layout stage 1 chose. Each block runs `pipeline.stats.block_statistics`. Per-row results go to (N, V)
+arrays in the store's `stats/` group, laid out like the logits (a chunk per block, a shard per logits
+shard, each shard written by one task: no two tasks write the same file); per-class sums are added
+up in float64 along a fixed binary tree and written at the end. Array names and meanings: the
+docstring of pipeline/stats.py.
+
+Every output array records in its attributes the statistic, its parameters (std convention, T_base,
+gamma, bins), and the fingerprint of the logits it was computed from (`CacheStore.fingerprint`). The
+fingerprint is written last, so an array without one is an interrupted computation. Re-running with the
+same settings does nothing; new settings add arrays; arrays from other logits (stale) are recomputed
+by `compute_stats` and refused by `read_stat`.
+
+Schedulers: the local threaded one by default; `workers=N` starts a dask.distributed LocalCluster of N
+single-threaded processes; `scheduler=ADDRESS` uses a running cluster, whose workers must see the
+store at the same path (a shared file system) and have kdcache installed.
+"""
+import contextlib
+import shlex
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import torch
+from zarr.codecs import BloscCodec
+
+import pipeline
+from pipeline.errors import UserError
+from pipeline.stats import (STATISTICS, Output, block_statistics, check_settings, class_statistics,
+                            number_name, output, plan_outputs)
+from pipeline.store import CacheStore
+
+COMPRESSORS = [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=4)]
+
+
+def compute_stats(path, settings: dict, *, scheduler: str | None = None, workers: int | None = None,
+                  progress: bool = True) -> dict:
+    """Compute the statistics that `settings` (the config's `stats` section) asks for and are not
+    already up to date in the store at `path`.
+
+    Returns {"store", "computed", "stale" (recomputed because their logits changed), "up_to_date"}:
+    lists of array names under stats/.
+    """
+    if scheduler and workers:
+        raise UserError("give either --scheduler ADDRESS or --workers N, not both")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    settings = check_settings(settings)
+    store = CacheStore.open(path, mode="r+")
+    _check_store(store)
+    group = store.group.require_group("stats")
+    fingerprint = store.fingerprint()
+    state = {o.name: _state(group, o, fingerprint) for o in plan_outputs(settings)}
+    todo = [o for o in plan_outputs(settings) if state[o.name] != "fresh"]
+    summary = {"store": store.path, "computed": [o.name for o in todo],
+               "stale": [n for n, s in state.items() if s == "stale"],
+               "up_to_date": [n for n, s in state.items() if s == "fresh"]}
+    if not todo:
+        return summary
+
+    with _scheduler(scheduler, workers, progress) as run:  # connect first: then create the arrays
+        for o in todo:
+            _create(group, o, store)
+        run(_graph(store, group, todo, settings["ece_bins"]))
+    record = {"logits_fingerprint": fingerprint, "logits_shape": list(store.logits.shape),
+              "logits_dtype": str(store.logits.dtype), "computed_in": "float32",
+              "kdcache_version": pipeline.__version__}
+    for o in todo:  # last: an array without a fingerprint is an interrupted run
+        group[o.name].update_attributes(record)
+    return summary
+
+
+def read_stat(store: CacheStore, statistic: str, **params):
+    """The zarr array of `statistic` for `params` (t_base, std, gamma, ece_bins: those it depends on),
+    checked to come from this store's current logits.
+
+    E.g. read_stat(store, "mlt_temperature", std="unbiased"), read_stat(store, "wttm_power_sum",
+    gamma=0.1). Raises UserError naming the `kdcache stats` call that computes a missing or stale one.
+    """
+    o = output(statistic, **params)
+    group = store.group["stats"] if "stats" in store.group else None
+    state = "missing" if group is None else _state(group, o, store.fingerprint())
+    if state == "fresh":
+        return group[o.name]
+    why = {"missing": "has no", "incomplete": "has an incomplete (interrupted)",
+           "stale": "has a stale (computed from other logits)"}[state]
+    raise UserError(f"store {store.path} {why} stats/{o.name}; compute it with: {stats_command(store.path, o)}")
+
+
+def stats_command(path, o: Output) -> str:
+    """The exact `kdcache stats` call that computes output `o`."""
+    flags = {"t_base": "--t-base", "std": "--std", "gamma": "--gamma", "ece_bins": "--ece-bins"}
+    args = [f"{flags[k]} {number_name(v) if isinstance(v, float) else v}" for k, v in o.params.items()]
+    return " ".join(["kdcache stats", shlex.quote(str(path)), "--stat", o.statistic, *args])
+
+
+def plot_stats(path, settings: dict, out_dir) -> list[Path]:
+    """PNG histograms of the temperatures, entropy and margin, and the per-class accuracy and
+    similarity matrix, for the statistics `settings` computed; returns the files written."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    settings = check_settings(settings)
+    store = CacheStore.open(path)
+    planned = {o.statistic: o for o in plan_outputs(settings)}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def values(stat):
+        return read_stat(store, stat, **planned[stat].params)[...]
+
+    def save(fig, name):
+        fig.savefig(out_dir / name, dpi=80)
+        written.append(out_dir / name)
+
+    written = []
+    titles = {"ls_temperature": "logit-standardization temperature T_base * std",
+              "mlt_temperature": "max-logit adaptive temperature (teacher)",
+              "entropy": "entropy of the teacher softmax (nats)", "margin": "top-1 minus top-2 logit"}
+    for stat, title in titles.items():
+        if stat not in planned:
+            continue
+        fig = Figure(figsize=(5, 3.5))
+        fig.subplots_adjust(left=0.15, bottom=0.15)
+        ax = fig.add_subplot()
+        v = values(stat).ravel()
+        ax.stairs(*np.histogram(v[np.isfinite(v)], bins=100), fill=True)
+        ax.set(xlabel=planned[stat].name, ylabel="(sample, view) rows", title=title)
+        save(fig, f"{planned[stat].name}.png")
+    if "class_accuracy" in planned:
+        acc = values("class_accuracy")
+        fig = Figure(figsize=(5, 3.5))
+        fig.subplots_adjust(left=0.15, bottom=0.15)
+        ax = fig.add_subplot()
+        ax.stairs(acc, np.arange(len(acc) + 1) - 0.5, fill=True)
+        ax.set(xlabel="class (label)", ylabel="teacher accuracy", ylim=(0, 1), title="per-class teacher accuracy")
+        save(fig, "class_accuracy.png")
+    if "class_mean_softmax" in planned:
+        fig = Figure(figsize=(5.5, 4.5))
+        ax = fig.add_subplot()
+        im = ax.imshow(values("class_mean_softmax"), cmap="viridis", interpolation="nearest")
+        fig.colorbar(im, ax=ax)
+        ax.set(xlabel="predicted class", ylabel="label", title="mean teacher softmax per label")
+        save(fig, "class_mean_softmax.png")
+    return written
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+BLOCK_BYTES = 8 * 2**20  # the most logits (in the stored dtype) one Dask task holds, unless one chunk is larger
+
+
+def block_samples(store: CacheStore) -> int:
+    """Samples per Dask block: a whole number of the store's chunks that divides its shard (so no block
+    straddles two shards, and a block reads only its own chunks), the most that fit in BLOCK_BYTES.
+
+    The whole shard when it fits (Fashion-MNIST: 4096 samples x 8 views x 10 classes = 640 KiB). Large
+    shards are split (ImageNet-shaped: 4096 x 10 x 1000 in float16 = 78 MiB -> 256-sample blocks of
+    4.9 MiB), which bounds each task's memory (and the float32 temporaries of the kernel) whatever the
+    layout stage 1 chose.
+    """
+    chunk, shard = store.logits.chunks[0], store.samples_per_shard
+    chunk_bytes = chunk * int(np.prod(store.logits.shape[1:])) * store.logits.dtype.itemsize
+    fit = max(1, BLOCK_BYTES // chunk_bytes)
+    chunks_per_shard = shard // chunk
+    return chunk * max(d for d in range(1, chunks_per_shard + 1) if chunks_per_shard % d == 0 and d <= fit)
+
+
+def _graph(store: CacheStore, group, todo: list[Output], ece_bins: int) -> list:
+    """Dask collections that compute `todo` and store it into the (created) arrays of `group`.
+
+    One da.store of everything, computed at once: one graph, so each block is read and computed once.
+    """
+    N, V, K = store.logits.shape
+    S = block_samples(store)
+    logits = da.from_zarr(store.logits, chunks=(S, V, K))
+    labels = da.from_zarr(store.labels, chunks=(S,))
+    task = dask.delayed(block_statistics, pure=True)
+    parts = [task(lb, yb, todo, ece_bins) for lb, yb in zip(logits.to_delayed().ravel(), labels.to_delayed().ravel())]
+    sources, targets = [], []
+    row_outs = [o for o in todo if o.per_row]
+    if row_outs:
+        rows = da.concatenate([da.from_delayed(p[0], shape=(n, V, len(row_outs)), dtype=np.float32)
+                               for p, n in zip(parts, logits.chunks[0])])
+        rows = rows.rechunk({0: store.samples_per_shard})  # one write per output shard (blocks are small)
+        sources += [rows[..., j].astype(group[o.name].dtype) for j, o in enumerate(row_outs)]
+        targets += [group[o.name] for o in row_outs]
+    class_outs = [o for o in todo if not o.per_row]
+    if class_outs:
+        values = dask.delayed(_class_values, pure=True)(_sum_tree([p[1] for p in parts]), class_outs)
+        sources += [da.from_delayed(values[o.name], shape=group[o.name].shape, dtype=group[o.name].dtype)
+                    for o in class_outs]
+        targets += [group[o.name] for o in class_outs]
+    stored = da.store(sources, targets, lock=False, compute=False)  # one source: an Array, else a tuple
+    return [stored] if isinstance(stored, da.Array) else list(stored)
+
+
+def _class_values(sums, outputs):
+    return class_statistics(*sums, outputs)
+
+
+def _add_class_sums(a, b):
+    """(bins, probs) + (bins, probs), in float64; probs may be None."""
+    return tuple(None if x is None else np.add(x, y, dtype=np.float64) for x, y in zip(a, b))
+
+
+def _sum_tree(items):
+    """The sum of the blocks' class sums as a binary tree of delayed additions: a fixed order (the same
+    result on every scheduler) and, unlike dask's reductions, no concatenation of partial sums, so only
+    a few (K, K) partial sums are alive at once."""
+    add = dask.delayed(_add_class_sums, pure=True)
+    while len(items) > 1:
+        items = [add(*items[i:i + 2]) if i + 1 < len(items) else items[i] for i in range(0, len(items), 2)]
+    return items[0]
+
+
+def _check_store(store: CacheStore):
+    if store.status != "complete":
+        done = int(store.done().sum())
+        raise UserError(f"store {store.path} is incomplete ({done}/{store.num_shards} shards done): "
+                        "finish stage 1 (kdcache cache-teacher) before computing statistics")
+    if store.logits.shape[-1] < 2:
+        raise UserError(f"store {store.path} has {store.logits.shape[-1]} class(es); statistics need at least 2")
+
+
+def _state(group, o: Output, fingerprint: str) -> str:
+    """'fresh' | 'missing' | 'incomplete' | 'stale' for output `o` in the stats group."""
+    if o.name not in group:
+        return "missing"
+    attrs = group[o.name].attrs.asdict()
+    if "logits_fingerprint" not in attrs:
+        return "incomplete"
+    same = (attrs["logits_fingerprint"] == fingerprint and attrs.get("statistic") == o.statistic
+            and attrs.get("params") == o.params)
+    return "fresh" if same else "stale"
+
+
+def _create(group, o: Output, store: CacheStore):
+    """An empty output array (replacing a stale or incomplete one) with its statistic and parameters."""
+    N, V, K = store.logits.shape
+    shards = None
+    if o.per_row:  # laid out like the logits: a shard per logits shard, a chunk per Dask block
+        shape, chunks, dims = (N, V), (block_samples(store), V), ("sample", "view")
+        if chunks[0] != store.samples_per_shard:
+            shards = (store.samples_per_shard, V)
+    else:
+        shape = {"class_mean_softmax": (K, K), "ece": ()}.get(o.statistic, (K,))
+        chunks, dims = shape, {0: (), 1: ("class",), 2: ("class", "class")}[len(shape)]
+    dtype = {"top1_correct": "bool", "class_count": "int64"}.get(o.statistic,
+                                                                   "float32" if o.per_row else "float64")
+    fill = {"bool": False, "int64": 0}.get(dtype, float("nan"))
+    group.create_array(o.name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, fill_value=fill,
+                       compressors=COMPRESSORS if o.per_row else None, dimension_names=dims, overwrite=True,
+                       attributes={"statistic": o.statistic, "description": STATISTICS[o.statistic][0],
+                                   "params": o.params})
+
+
+@contextlib.contextmanager
+def _scheduler(address, workers, progress):
+    """A function that computes dask collections: on the threaded scheduler, a new LocalCluster of
+    `workers` processes, or the running cluster at `address`."""
+    if not (address or workers):
+        from dask.diagnostics import ProgressBar
+
+        def run(collections):
+            with _torch_threads(1), (ProgressBar() if progress else contextlib.nullcontext()):
+                dask.compute(*collections, scheduler="threads")
+        yield run
+        return
+    from distributed import Client, LocalCluster
+    from distributed import progress as show_progress
+    with contextlib.ExitStack() as stack:
+        if address:
+            try:
+                client = stack.enter_context(Client(address, timeout="10s"))
+            except (OSError, TimeoutError) as e:
+                raise UserError(f"cannot connect to the dask scheduler at {address}: {e}") from None
+        else:
+            cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                       dashboard_address=None))
+            client = stack.enter_context(Client(cluster))
+
+        def run(collections):
+            futures = client.compute(collections)
+            if progress:
+                show_progress(futures)
+            client.gather(futures)
+        yield run
+
+
+@contextlib.contextmanager
+def _torch_threads(n):
+    """Dask's threads already use every core: one torch thread each avoids oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,484 @@
+"""Stage 3: train a student against the cached teacher targets (or, with `online`, a live teacher).
+
+One loop serves both modes; only where the teacher logits come from differs:
+- offline: the store's logits (and stage-2 statistics) for the view each sample draws this epoch;
+- online: the teacher runs on the very images the student sees (the reference for parity and speed).
+The student's input is re-created from the view's parameters by `apply_views`, the function stage 1
+fed the teacher with, so offline targets match the inputs exactly.
+
+Each epoch every sample draws one of its V cached views: a random permutation of the V views per
+sample and cycle of V epochs, so no view repeats before all were seen. Views, batch order and
+stochastic layers are pure functions of (seed, epoch, sample): a killed run resumes from its last
+epoch checkpoint and ends exactly where an uninterrupted run ends, without saving RNG states.
+
+Targets are loaded into memory once when they fit (`train.memory_gb`); otherwise they are read from
+Zarr a block of `chunks_per_block` chunks at a time (the next block in a background thread), and the
+epoch order shuffles blocks of randomly chosen chunks instead of all samples. Stage-2 statistics are
+(N, V) arrays, a small fraction of the logits: they are always loaded.
+
+Run folder (`train.out`): metrics.jsonl (one line per epoch), checkpoint.pt (resume state, tensors
+and plain types only), student.pt (the final student, a pipeline.models checkpoint), result.json.
+"""
+import json
+import math
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import pipeline
+from pipeline.data import load_dataset
+from pipeline.errors import UserError
+from pipeline.inference import accuracy
+from pipeline.losses import check_params, distill_loss
+from pipeline.models import build_model, load_checkpoint, save_checkpoint, select_device
+from stages.compute_stats import read_stat
+from pipeline.store import CacheStore
+from pipeline.views import ViewSpace, apply_views
+
+RUN_FORMAT = "kdcache-train-run-1"
+READ_ROWS = 4096  # rows per read of the in-memory and live sources (lets the next read overlap training)
+
+
+def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
+    """Train cfg['train']['student'] with cfg['train']['method']; returns the result (also in result.json).
+
+    on_step(info): called after every optimiser step with {epoch, step, ids, views, loss, ce, kd}
+    (numpy ids and view indices, float losses): what the parity test compares.
+    """
+    started = time.perf_counter()
+    t = check_train(cfg["train"])
+    method, params = t["method"], check_params(t["method"], t["params"])
+    device = select_device(cfg["device"])
+    d = cfg["dataset"]
+    data = load_dataset(d["name"], "train", root=d["root"], subset=d["subset"], **d["options"])
+    test = load_dataset(d["name"], "test", root=d["root"], **d["options"])
+
+    # Where targets come from: the store, a live teacher, or nowhere (CE needs no teacher).
+    store, teacher = None, None
+    if method != "ce" and not t["online"]:
+        store = open_store(cfg["cache"]["store"], data, cfg["views"])
+        space = ViewSpace.from_manifest(store.manifest["views"])
+        stats = cached_stats(store, method, params)
+        in_memory = store_bytes(store) <= t["memory_gb"] * 2**30
+        source = (MemoryTargets(store, stats) if in_memory else ZarrTargets(store, stats, t["chunks_per_block"]))
+    else:
+        space = ViewSpace.from_config(cfg["views"], data.image_size)
+        source = LiveViews(space, data)
+        if method != "ce":
+            teacher, _ = load_checkpoint(cfg["teacher"]["checkpoint"], arch=cfg["teacher"]["arch"],
+                                         num_classes=data.num_classes, in_channels=data.channels, device=device)
+    fingerprint = store.fingerprint() if store is not None else None
+
+    torch.manual_seed(cfg["seed"])
+    student = build_model(t["student"], data.num_classes, data.channels, image_size=space.output_size[0]).to(device)
+    opt = make_optimizer(student, t)
+    out = Path(t["out"])
+    metrics, wall, first_epoch = resume(out, student, opt, cfg, fingerprint)
+
+    N, V, seed, bs = len(data), space.num_views, cfg["seed"], t["batch_size"]
+    steps = math.ceil(N / bs)
+    labels = torch.from_numpy(data.labels)
+    eval_space = evaluation_space(space)
+    w_ce, w_kd = params["w_ce"], params.get("w_kd", 0.0)
+    tick = started
+    for epoch in range(first_epoch, t["epochs"]):
+        torch.manual_seed(mix(seed, epoch, 1) >> 1)  # stochastic layers (dropout), if the student has any
+        student.train()
+        views = epoch_views(N, V, seed, epoch)
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, ce, kd, correct (summed over samples)
+        epoch_start = time.perf_counter()
+        batches = source.batches(source.blocks(N, seed, epoch), views, bs)
+        bar = tqdm(batches, total=steps, leave=False, desc=f"stage 3 epoch {epoch + 1}/{t['epochs']}",
+                   disable=None if progress else True)  # None: no bar when stderr is not a terminal (logs)
+        for step, b in enumerate(bar):
+            lr = learning_rate(t, epoch + step / steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            ids = torch.from_numpy(b["ids"])
+            x = apply_views(batch_images(data, b["ids"], device), b["params"], space, data.mean, data.std)
+            y = labels[ids].to(device)
+            z_s = student(x)
+            ce = F.cross_entropy(z_s, y)
+            if method == "ce":
+                kd = torch.zeros((), device=device)
+            else:
+                if teacher is not None:
+                    with torch.no_grad():
+                        z_t = teacher(x)
+                else:
+                    z_t = torch.from_numpy(b["logits"]).to(device)
+                row_stats = {k: torch.from_numpy(b[k]).to(device) for k in source.stat_names}
+                kd = distill_loss(method, z_s, z_t, y, params=params, stats=row_stats, epoch=epoch + 1)
+            loss = w_ce * ce + w_kd * kd
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                n = len(y)
+                sums += torch.stack([loss.detach() * n, ce.detach() * n, kd.detach() * n,
+                                     (z_s.argmax(1) == y).sum().to(loss.dtype)]).double()
+            if on_step is not None:
+                on_step({"epoch": epoch, "step": step, "ids": b["ids"], "views": b["views"],
+                         "loss": loss.item(), "ce": ce.item(), "kd": kd.item()})
+        train_seconds = time.perf_counter() - epoch_start
+        loss_sum, ce_sum, kd_sum, correct = (sums / N).tolist()
+        if not math.isfinite(loss_sum):
+            raise UserError(f"the training loss is not finite in epoch {epoch + 1} ({method}, lr {t['lr']}); "
+                            "lower train.lr or check the method's parameters")
+        student.eval()
+        eval_start = time.perf_counter()
+        test_acc = accuracy(student, test, eval_space, batch_size=t["eval_batch_size"], device=device)
+        now = time.perf_counter()
+        wall += now - tick
+        tick = now
+        metrics.append({"epoch": epoch + 1, "lr": learning_rate(t, epoch), "train_loss": loss_sum,
+                        "train_ce": ce_sum, "train_kd": kd_sum, "train_accuracy": correct,
+                        "test_accuracy": test_acc, "epoch_seconds": train_seconds,
+                        "eval_seconds": now - eval_start, "samples_per_second": N / train_seconds})
+        save_run(out, {"format": RUN_FORMAT, "epoch": epoch + 1, "config": json.dumps(run_config(cfg)),
+                       "store_fingerprint": fingerprint, "model": student.state_dict(),
+                       "optimizer": opt.state_dict(), "metrics": metrics, "wall_seconds": wall})
+        if progress:
+            print(f"epoch {epoch + 1}/{t['epochs']}: loss {loss_sum:.4f}, train acc {correct:.4f}, "
+                  f"test acc {test_acc:.4f} ({train_seconds:.1f} s)", flush=True)
+
+    best = max(metrics, key=lambda m: m["test_accuracy"])
+    result = {
+        "method": method, "params": params, "mode": "online" if teacher is not None else
+        ("offline" if store is not None else "no teacher (ce)"),
+        "targets": source.kind, "store": store.path if store else None, "store_fingerprint": fingerprint,
+        "teacher": store.manifest["teacher"] if store else (cfg["teacher"] if teacher is not None else None),
+        "student": t["student"], "epochs": t["epochs"], "seed": seed,
+        "last_accuracy": metrics[-1]["test_accuracy"], "best_accuracy": best["test_accuracy"],
+        "best_epoch": best["epoch"], "wall_seconds": wall,
+        "train_seconds": sum(m["epoch_seconds"] for m in metrics),
+        "device": str(device), "torch_threads": torch.get_num_threads(),
+        "software": {"kdcache": pipeline.__version__, "torch": torch.__version__},
+        "config": cfg,
+    }
+    save_checkpoint(out / "student.pt", student.cpu(), arch=t["student"], num_classes=data.num_classes,
+                    in_channels=data.channels, image_size=space.output_size[0],
+                    meta={"test_accuracy": result["last_accuracy"], "method": method, "params": params,
+                          "store_fingerprint": fingerprint, "dataset": data.describe()})
+    write_metrics(out, metrics)  # again: a run killed between checkpoint and metrics file resumes here
+    write_atomic(out / "result.json", json.dumps(result, indent=1))
+    return result
+
+
+# ---- configuration ------------------------------------------------------------------------------
+
+def check_train(t: dict) -> dict:
+    """Validate the `train` config section (pipeline/config.py lists its keys); UserError on mistakes."""
+    def need(key, ok, must_be):
+        if not ok(t[key]):
+            raise UserError(f"train.{key} must be {must_be}, got {t[key]!r}")
+
+    def integer(low):
+        return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    def number(low, high=math.inf, open_low=False):
+        return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                          and (v > low if open_low else v >= low) and v <= high)
+
+    need("student", lambda v: isinstance(v, str) and v, "a model name (pipeline/models.py)")
+    need("method", lambda v: isinstance(v, str), "a method name")
+    need("params", lambda v: isinstance(v, dict), "a mapping of the method's parameters")
+    need("online", lambda v: isinstance(v, bool), "true or false")
+    need("epochs", integer(1), "an integer >= 1")
+    need("batch_size", integer(1), "an integer >= 1")
+    need("optimizer", lambda v: v in ("sgd", "adamw"), "'sgd' or 'adamw'")
+    need("lr", number(0, open_low=True), "a number > 0")
+    need("momentum", number(0, 1), "a number in [0, 1]")
+    need("nesterov", lambda v: isinstance(v, bool), "true or false")
+    need("weight_decay", number(0), "a number >= 0")
+    need("schedule", lambda v: v in ("cosine", "step", "constant"), "'cosine', 'step' or 'constant'")
+    need("milestones", lambda v: isinstance(v, list) and all(integer(1)(m) for m in v) and v == sorted(v),
+         "an ascending list of epochs (integers >= 1)")
+    need("lr_decay", number(0, 1, open_low=True), "a number in (0, 1]")
+    need("memory_gb", number(0), "a number >= 0 (GiB; 0 always reads from Zarr)")
+    need("chunks_per_block", integer(1), "an integer >= 1")
+    need("eval_batch_size", integer(1), "an integer >= 1")
+    need("out", lambda v: isinstance(v, str) and v, "a folder path")
+    if t["schedule"] == "step" and not t["milestones"]:
+        raise UserError("train.schedule 'step' needs train.milestones (epochs after which the lr decays)")
+    check_params(t["method"], t["params"])
+    return t
+
+
+def make_optimizer(model, t: dict) -> torch.optim.Optimizer:
+    if t["optimizer"] == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t["lr"], momentum=t["momentum"],
+                               nesterov=t["nesterov"], weight_decay=t["weight_decay"])
+    return torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
+
+
+def learning_rate(t: dict, progress: float) -> float:
+    """The lr after `progress` epochs (a float: cosine decays per step; step decays at whole epochs)."""
+    if t["schedule"] == "cosine":
+        return 0.5 * t["lr"] * (1 + math.cos(math.pi * progress / t["epochs"]))
+    if t["schedule"] == "step":
+        return t["lr"] * t["lr_decay"] ** sum(int(progress) >= m for m in t["milestones"])
+    return t["lr"]
+
+
+# ---- the store and its statistics ---------------------------------------------------------------
+
+def open_store(path, data, views: dict) -> CacheStore:
+    """The complete store at `path`, checked to hold targets for `data` (same fingerprint, classes) on the
+    config's `views` (which online KD and CE-only runs draw from: all modes of one config see the same views)."""
+    if not Path(path).exists():
+        raise UserError(f"no cache store at {path}: build it with `kdcache cache-teacher --config ...` "
+                        "(make cache-teacher), or point --cache at an existing store")
+    store = CacheStore.open(path)
+    if store.status != "complete":
+        raise UserError(f"store {path} is incomplete ({int(store.done().sum())}/{store.num_shards} shards): "
+                        "finish it with `kdcache cache-teacher` first")
+    m = store.manifest["dataset"]
+    if m["fingerprint"] != data.fingerprint():
+        raise UserError(f"store {path} was built on another data set ({m['name']} {m['split']}, N={m['num_samples']}, "
+                        f"fingerprint {m['fingerprint'][:12]}) than the config's ({data.name} {data.split}, "
+                        f"N={len(data)}, fingerprint {data.fingerprint()[:12]}): fix `dataset` or use that data "
+                        "set's store")
+    K = store.logits.shape[-1]
+    if K != data.num_classes:
+        raise UserError(f"store {path} holds {K}-class teacher logits but the student is built for the data set's "
+                        f"{data.num_classes} classes: distil from a teacher of the same label set")
+    pre = store.manifest["preprocessing"]
+    if list(pre["mean"]) != list(data.mean) or list(pre["std"]) != list(data.std):
+        raise UserError(f"store {path} normalised inputs with mean {pre['mean']}, std {pre['std']} but this "
+                        f"version uses {list(data.mean)}, {list(data.std)}: rebuild the store")
+    cached = ViewSpace.from_manifest(store.manifest["views"])
+    wanted = ViewSpace.from_config(views, data.image_size)
+    if cached != wanted:
+        raise UserError(f"store {path} caches other views ({cached.kind}, {cached.num_views} per sample, seed "
+                        f"{cached.seed}) than the config's `views` ({wanted.kind}, {wanted.num_views}, seed "
+                        f"{wanted.seed}): make the config's views section describe the store")
+    return store
+
+
+def cached_stats(store: CacheStore, method: str, params: dict) -> dict:
+    """The stage-2 arrays a method reads, by distill_loss's stats names; UserError names the missing call."""
+    if method == "mlt":
+        std = "unbiased" if params["unbiased_std"] else "population"
+        return {"temperature": read_stat(store, "mlt_temperature", std=std)}
+    if method == "wttm":
+        return {"power_sum": read_stat(store, "wttm_power_sum", gamma=params["gamma"])}
+    return {}
+
+
+def store_bytes(store: CacheStore) -> int:
+    """Memory the logits and view params take when loaded."""
+    return store.logits.nbytes + store.views.nbytes
+
+
+# ---- per-epoch views and order ------------------------------------------------------------------
+
+def mix(*words) -> int | np.ndarray:
+    """A 64-bit hash of integers (splitmix64's finaliser, chained): deterministic and vectorised."""
+    h = np.zeros(1, np.uint64)
+    with np.errstate(over="ignore"):  # multiplication modulo 2^64 is the point
+        for w in words:
+            x = h ^ np.asarray(w).astype(np.uint64)
+            x = (x ^ (x >> 30)) * np.uint64(0xBF58476D1CE4E5B9)
+            x = (x ^ (x >> 27)) * np.uint64(0x94D049BB133111EB)
+            h = x ^ (x >> 31)
+    return int(h[0]) if all(np.ndim(w) == 0 for w in words) else h
+
+
+def epoch_views(n: int, num_views: int, seed: int, epoch: int) -> np.ndarray:
+    """The view index (n,) each sample uses in `epoch`.
+
+    Per sample and cycle of V epochs, the V views are ranked by a hash of (seed, cycle, sample, view);
+    epoch e takes rank e mod V. A pure function of its arguments, and no view repeats within a cycle.
+    """
+    cycle, rank = divmod(epoch, num_views)
+    keys = mix(seed, cycle, np.arange(n)[:, None], np.arange(num_views)[None, :])
+    return np.argpartition(keys, rank, axis=1)[:, rank].astype(np.int64)
+
+
+def shuffled(n: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """A random permutation of 0..n-1, cut into reads of READ_ROWS rows."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return [order[i:i + READ_ROWS] for i in range(0, n, READ_ROWS)]
+
+
+def block_shuffled(n: int, seed: int, epoch: int, chunk: int, chunks_per_block: int) -> list[np.ndarray]:
+    """Blocks of `chunks_per_block` randomly chosen chunks of `chunk` rows, each block's rows shuffled."""
+    rng = np.random.default_rng([seed, epoch])
+    chunks = rng.permutation(math.ceil(n / chunk))
+    blocks = []
+    for i in range(0, len(chunks), chunks_per_block):
+        rows = np.concatenate([np.arange(c * chunk, min((c + 1) * chunk, n)) for c in chunks[i:i + chunks_per_block]])
+        blocks.append(rng.permutation(rows))
+    return blocks
+
+
+# ---- target sources: the same batches from memory, Zarr blocks, or live views -------------------
+
+class Source:
+    """Yields batches {ids, views, params, [logits], [stats...]} over reads of rows (numpy arrays).
+
+    Subclasses define `blocks` (the epoch order as a list of reads) and `read(rows, views)`. The next read
+    runs in a background thread while the current one's batches train.
+    """
+    kind, stat_names = "", ()
+
+    def batches(self, blocks, views: np.ndarray, batch_size: int):
+        carry = None
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(self._read, blocks[0], views) if blocks else None
+            for i in range(len(blocks)):
+                part = pending.result()
+                pending = pool.submit(self._read, blocks[i + 1], views) if i + 1 < len(blocks) else None
+                if carry is not None:
+                    part = {k: np.concatenate([carry[k], v]) for k, v in part.items()}
+                size = len(part["ids"])
+                full = size - size % batch_size
+                for s in range(0, full, batch_size):
+                    yield {k: v[s:s + batch_size] for k, v in part.items()}
+                carry = {k: v[full:] for k, v in part.items()} if full < size else None
+        if carry is not None:
+            yield carry
+
+    def _read(self, rows, views):
+        return {"ids": rows, "views": views[rows], **self.read(rows, views[rows])}
+
+
+class MemoryTargets(Source):
+    """Logits and view params loaded from the store once."""
+    kind = "memory"
+
+    def __init__(self, store: CacheStore, stats: dict):
+        self.logits, self.params = store.logits[...], store.views[...]
+        self.stats = {k: a[...] for k, a in stats.items()}
+        self.stat_names = tuple(stats)
+
+    def blocks(self, n, seed, epoch):
+        return shuffled(n, seed, epoch)
+
+    def read(self, rows, views):
+        return {"params": self.params[rows, views], "logits": self.logits[rows, views].astype(np.float32),
+                **{k: a[rows, views] for k, a in self.stats.items()}}
+
+
+class ZarrTargets(Source):
+    """Logits and view params read from Zarr a block of chunks at a time (never row by row)."""
+    kind = "zarr"
+
+    def __init__(self, store: CacheStore, stats: dict, chunks_per_block: int):
+        self.store, self.chunks_per_block = store, chunks_per_block
+        self.stats = {k: a[...] for k, a in stats.items()}
+        self.stat_names = tuple(stats)
+
+    def blocks(self, n, seed, epoch):
+        return block_shuffled(n, seed, epoch, self.store.logits.chunks[0], self.chunks_per_block)
+
+    def read(self, rows, views):
+        """One coordinate selection per array: zarr decodes each chunk the block touches once."""
+        K, P = self.store.logits.shape[2], self.store.views.shape[2]
+        r, v = rows[:, None], views[:, None]
+        return {"params": self.store.views.vindex[r, v, np.arange(P)[None, :]],
+                "logits": self.store.logits.vindex[r, v, np.arange(K)[None, :]].astype(np.float32),
+                **{k: a[rows, views] for k, a in self.stats.items()}}
+
+
+class LiveViews(Source):
+    """No cache: the view params of the same view space (online KD, CE-only); the teacher runs live."""
+    kind = "live"
+
+    def __init__(self, space: ViewSpace, data):
+        self.space, self.data = space, data
+
+    def blocks(self, n, seed, epoch):
+        return shuffled(n, seed, epoch)
+
+    def read(self, rows, views):
+        sizes = self.data.image_size if self.data.image_size is not None else self.data.image_sizes(rows)
+        return {"params": self.space.sample_params(rows, sizes)[np.arange(len(rows)), views]}
+
+
+def batch_images(data, ids: np.ndarray, device):
+    """uint8 images of `ids` on `device` (a list for variable-size image folders)."""
+    if data.image_size is not None:
+        return data.images(ids).to(device)
+    return [data.image(int(i)).to(device) for i in ids]
+
+
+def evaluation_space(space: ViewSpace) -> ViewSpace:
+    """No augmentation for the test split: the identity (fixed-size data) or the centre crop (box kinds)."""
+    if space.kind == "crop_flip":
+        return ViewSpace.identity(space.image_size)
+    return ViewSpace.from_config({"kind": "center_crop", "size": space.output_size[0]})
+
+
+# ---- run folder: checkpoint, resume, files ------------------------------------------------------
+
+def run_config(cfg: dict) -> dict:
+    """The config that defines a run's result (the device may change between a run and its resume)."""
+    return {k: v for k, v in cfg.items() if k != "device"}
+
+
+def resume(out: Path, student, opt, cfg: dict, fingerprint):
+    """Load the run folder's checkpoint into student and optimiser; returns (metrics, wall seconds, epochs done)."""
+    path = out / "checkpoint.pt"
+    if not path.exists():
+        return [], 0.0, 0
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file means the same thing to the user
+        raise UserError(f"cannot read the run checkpoint {path} ({type(e).__name__}); delete it to start over") from None
+    if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
+        raise UserError(f"{path} is not a kdcache training checkpoint; use another train.out")
+    diff = first_difference(json.loads(state["config"]), json.loads(json.dumps(run_config(cfg))))
+    if diff:
+        raise UserError(f"run folder {out} holds a run with another config ({diff}); "
+                        "use another train.out (--out) or delete the folder")
+    if state["store_fingerprint"] != fingerprint:
+        raise UserError(f"run folder {out} was trained from a store with another fingerprint; the store changed "
+                        "since: use another train.out (--out) or delete the folder")
+    student.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return list(state["metrics"]), float(state["wall_seconds"]), int(state["epoch"])
+
+
+def first_difference(old: dict, new: dict, where: str = "") -> str:
+    """'' when two configs are equal, else the first differing key with both values."""
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            if diff := first_difference(a, b, f"{where}{key}."):
+                return diff
+        elif a != b:
+            return f"{where}{key}: {a!r} there, {b!r} now"
+    return ""
+
+
+def save_run(out: Path, state: dict) -> None:
+    """The epoch checkpoint (atomic) and the metrics file it implies (rewritten whole, so they always agree)."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".checkpoint.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, out / "checkpoint.pt")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    write_metrics(out, state["metrics"])
+
+
+def write_metrics(out: Path, metrics: list) -> None:
+    write_atomic(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
