@@ -120,8 +120,8 @@ def main():
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k.startswith(("ratio", "cpu_ratio", "epoch", "batches", "training"))},
-                     indent=1))
+    shown = ("ratio", "cpu_ratio", "epoch", "batches", "training")
+    print(json.dumps({k: v for k, v in result.items() if k.startswith(shown)}, indent=1))
 
 
 if __name__ == "__main__":

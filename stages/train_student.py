@@ -3,8 +3,11 @@
 One loop serves both modes; only where the teacher logits come from differs:
 - offline: the store's logits (and stage-2 statistics) for the view each sample draws this epoch;
 - online: the teacher runs on the very images the student sees (the reference for parity and speed).
-The student's input is re-created from the view's parameters by `apply_views`, the function stage 1
-fed the teacher with, so offline targets match the inputs exactly.
+Online and CE-only runs draw from the config's view space the same V views per sample that the store
+holds (they are a pure function of the views seed and sample id); an offline run refuses a store whose
+views differ from the config's, so every mode of one config sees the same views. The student's input
+is re-created from the view's parameters by `apply_views`, the function stage 1 fed the teacher with,
+so offline targets match the inputs exactly.
 
 Each epoch every sample draws one of its V cached views: a random permutation of the V views per
 sample and cycle of V epochs, so no view repeats before all were seen. Views, batch order and
@@ -433,7 +436,8 @@ def resume(out: Path, student, opt, cfg: dict, fingerprint):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable file means the same thing to the user
-        raise UserError(f"cannot read the run checkpoint {path} ({type(e).__name__}); delete it to start over") from None
+        raise UserError(f"cannot read the run checkpoint {path} ({type(e).__name__}); "
+                        "delete it to start over") from None
     if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
         raise UserError(f"{path} is not a kdcache training checkpoint; use another train.out")
     diff = first_difference(json.loads(state["config"]), json.loads(json.dumps(run_config(cfg))))
