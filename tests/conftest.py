@@ -41,3 +41,16 @@ def kdcache(*args, **kw) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.Popen([sys.executable, "-c", "from pipeline.cli import main; main()", *map(str, args)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.fixture(scope="session")
+def train_store_cfg(tmp_path_factory, teacher_ckpt):
+    """The smoke train config (configs/smoke/train.yaml) with its store built and stage-2 statistics computed."""
+    from stages.cache_teacher import cache_teacher
+    from stages.compute_stats import compute_stats
+    tmp = tmp_path_factory.mktemp("train_store")
+    cfg = load_config(REPO / "configs" / "smoke" / "train.yaml",
+                      {"teacher": {"checkpoint": str(teacher_ckpt)}, "cache": {"store": str(tmp / "cache.zarr")}})
+    cache_teacher(cfg, progress=False)
+    compute_stats(cfg["cache"]["store"], cfg["stats"], progress=False)
+    return cfg

@@ -11,26 +11,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.report import write_report
-from stages.cache_teacher import cache_teacher
-from stages.compute_stats import compute_stats
 from stages.grid import expand_grid, load_grid, run_grid, run_key
 from tests.conftest import REPO, kdcache, write_config
 
-SMOKE_TRAIN = REPO / "configs" / "smoke" / "train.yaml"
 
 
 @pytest.fixture(scope="module")
-def base_config(tmp_path_factory, teacher_ckpt):
+def base_config(tmp_path_factory, train_store_cfg):
     """The smoke train config (as a file) with its store built and stage-2 statistics computed."""
-    tmp = tmp_path_factory.mktemp("grid")
-    cfg = load_config(SMOKE_TRAIN, {"teacher": {"checkpoint": str(teacher_ckpt)},
-                                    "cache": {"store": str(tmp / "cache.zarr")}})
-    cache_teacher(cfg, progress=False)
-    compute_stats(cfg["cache"]["store"], cfg["stats"], progress=False)
-    return write_config(cfg, tmp / "base.yaml")
+    return write_config(train_store_cfg, tmp_path_factory.mktemp("grid") / "base.yaml")
 
 
 @pytest.fixture(scope="module")

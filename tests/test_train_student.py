@@ -25,14 +25,9 @@ SMOKE_TRAIN = REPO / "configs" / "smoke" / "train.yaml"
 
 
 @pytest.fixture(scope="module")
-def store_cfg(tmp_path_factory, teacher_ckpt):
+def store_cfg(train_store_cfg):
     """The smoke train config with its store built (every view cached) and stage-2 statistics computed."""
-    tmp = tmp_path_factory.mktemp("stage3")
-    cfg = load_config(SMOKE_TRAIN, {"teacher": {"checkpoint": str(teacher_ckpt)},
-                                    "cache": {"store": str(tmp / "cache.zarr")}})
-    cache_teacher(cfg, progress=False)
-    compute_stats(cfg["cache"]["store"], cfg["stats"], progress=False)
-    return cfg
+    return train_store_cfg
 
 
 @pytest.fixture
