@@ -52,12 +52,13 @@ bench: setup
 	$(BIN)/python benchmarks/bench_stage2.py
 	$(BIN)/python benchmarks/bench_stage3.py
 	$(BIN)/python benchmarks/bench_grid.py
+	$(BIN)/python benchmarks/bench_topk.py
 
 demo: setup  ## everything on a Fashion-MNIST subset: teacher, cache, statistics, every method, the table and plots
 	$(MAKE) --no-print-directory cache-teacher CONFIG=configs/demo.yaml
 	$(BIN)/kdcache stats --config configs/demo.yaml
 	$(BIN)/kdcache grid configs/grid/demo.yaml
-	@echo "demo: shrunk to minutes (10000 training images, teacher 4 epochs, 4 views, students 2 epochs, one seed):"
+	@echo "demo: shrunk to minutes (10000 training images, teacher 4 epochs, 4 views, students 3 epochs, one seed):"
 	@echo "the full configuration is configs/fashion-mnist.yaml + configs/grid/fashion-mnist.yaml (make grid)."
 
 clean-venv:

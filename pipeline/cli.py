@@ -1,6 +1,7 @@
 """The `kdcache` command: one sub-command per stage, each a thin call of its stage module.
 
-Options override values of the YAML config. User mistakes end in one line `Error: ...` and exit 1.
+Options override values of the YAML config. User mistakes and damaged stores end in one line
+`Error: ...` and exit 1.
 """
 import click
 
@@ -9,13 +10,37 @@ from pipeline.errors import UserError
 
 
 class Commands(click.Group):
-    """Turns UserError into click's one-line error instead of a traceback."""
+    """Turns UserError, and zarr's errors on a damaged store, into click's one-line error instead of a traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except UserError as e:
             raise click.ClickException(str(e)) from None
+        except Exception as e:
+            damage = store_damage(e)
+            if damage is None:
+                raise
+            raise click.ClickException(damage) from None
+
+
+def store_damage(e: Exception) -> str | None:
+    """The one-line meaning of an error zarr or numcodecs raise while reading a damaged store, else None.
+
+    Found by damaging stores (tests/test_verify.py): zarr's crc32c codec raises ValueError("Stored and computed
+    checksum do not match ...") for a flipped byte or a truncated chunk or shard (its index then fails too);
+    an edited zarr.json that is no longer JSON raises json.JSONDecodeError; blosc raises RuntimeError on
+    undecodable bytes in an array without checksums (stats/).
+    """
+    import json
+    hint = "; run `kdcache verify STORE` to name the damaged object"
+    if isinstance(e, ValueError) and "checksum do not match" in str(e):
+        return "a chunk of the cache store fails its crc32c checksum: the store is corrupted or truncated" + hint
+    if isinstance(e, json.JSONDecodeError):
+        return f"a zarr.json of the cache store is not valid JSON ({e}): the store's metadata is damaged" + hint
+    if isinstance(e, RuntimeError) and "blosc" in str(e).lower():
+        return f"a chunk of the cache store cannot be decompressed ({e}): the store is corrupted" + hint
+    return None
 
 
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
@@ -48,7 +73,7 @@ def train_teacher_cmd(config_path, device, checkpoint, epochs):
 @cli.command("cache-teacher")
 @config_option
 @device_option
-@click.option("--out", help="Cache store to write (overrides cache.store).")
+@click.option("--out", help="Cache store to write, a path or URL (s3://, gs://, file://; overrides cache.store).")
 @click.option("--checkpoint", help="Teacher checkpoint (overrides teacher.checkpoint).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Teacher batch in images (overrides cache.batch_size).")
 @click.option("--num-shards", type=click.IntRange(min=1),
@@ -69,7 +94,8 @@ def cache_teacher_cmd(config_path, device, out, checkpoint, batch_size, num_shar
     store = cache_teacher(cfg, num_shards=n, shard_index=i, overwrite=overwrite)
     done = int(store.done().sum())
     click.echo(f"{store.path}: {done}/{store.num_shards} shards done, status {store.status}; "
-               f"logits {store.logits.shape} {store.logits.dtype}")
+               f"logits {store.logits_shape} {next(iter(store.logit_arrays.values())).dtype}"
+               + (f", top-{store.topk} storage" if store.topk else ""))
 
 
 @cli.command("config")
@@ -100,45 +126,53 @@ def config_cmd(config_path, key):
 @click.option("--scheduler", help="Address of a running dask.distributed scheduler (its workers must see STORE).")
 @click.option("--workers", type=int, help="Start a local dask.distributed cluster of N worker processes.")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Also write PNG plots into this folder.")
-def stats_cmd(store, config_path, statistics, t_base, gammas, std, ece_bins, scheduler, workers, plot_dir):
+@click.option("--out", help="Write the statistics into this overlay store (path or URL) instead of STORE: for stores "
+                            "you cannot or should not write; train with --stats OUT (overrides cache.stats).")
+def stats_cmd(store, config_path, statistics, t_base, gammas, std, ece_bins, scheduler, workers, plot_dir, out):
     """Stage 2: per-(sample, view) temperatures and statistics of the cached logits, with Dask.
 
-    Writes into STORE's stats/ group (default STORE: the config's cache.store). Statistics already
-    computed with the same parameters from the same logits are kept; stale ones are recomputed.
+    Writes into STORE's stats/ group (default STORE: the config's cache.store; a path or a URL such as
+    s3://bucket/x.zarr or http://host/x.zarr), or with --out into a separate overlay store tied to STORE
+    by its fingerprint (needed for read-only stores). Statistics already computed with the same
+    parameters from the same logits are kept; stale ones are recomputed. A second writer is refused.
     """
     from stages.compute_stats import compute_stats, plot_stats
-    cfg = load_config(config_path, {"cache": {"store": store}, "stats": {
+    cfg = load_config(config_path, {"cache": {"store": store, "stats": out}, "stats": {
         "statistics": list(statistics) or None, "t_base": t_base, "gammas": list(gammas) or None, "std": std,
         "ece_bins": ece_bins, "scheduler": scheduler, "workers": workers}})
     s = cfg["stats"]
     if scheduler or workers:  # one on the command line replaces the other from the config
         s["scheduler"], s["workers"] = scheduler, workers
-    done = compute_stats(cfg["cache"]["store"], s, scheduler=s["scheduler"], workers=s["workers"])
-    click.echo(f"{done['store']}: computed {len(done['computed'])} statistics arrays"
+    overlay = cfg["cache"]["stats"]
+    done = compute_stats(cfg["cache"]["store"], s, out=overlay, scheduler=s["scheduler"], workers=s["workers"])
+    click.echo(f"{done['store']}" + (f" -> overlay {overlay}" if overlay else "")
+               + f": computed {len(done['computed'])} statistics arrays"
                + (f" ({len(done['stale'])} stale ones recomputed)" if done["stale"] else "")
                + f", {len(done['up_to_date'])} already up to date")
     if plot_dir:
-        files = plot_stats(cfg["cache"]["store"], s, plot_dir)
+        files = plot_stats(cfg["cache"]["store"], s, plot_dir, overlay=overlay)
         click.echo(f"wrote {len(files)} plots to {plot_dir}")
 
 
 @cli.command("train")
 @config_option
 @device_option
-@click.option("--cache", "store", help="Cache store to read the targets from (overrides cache.store).")
+@click.option("--cache", "store", help="Cache store (path or URL) to read the targets from (overrides cache.store).")
+@click.option("--stats", "overlay", help="Statistics overlay written by `kdcache stats STORE --out OVERLAY` "
+                                         "(overrides cache.stats; default: the store's own statistics).")
 @click.option("--online", is_flag=True, default=None,
               help="Run the teacher live on the same views instead of reading the cache (sets train.online).")
 @click.option("--out", help="Run folder (overrides train.out); an existing run there is resumed.")
 @click.option("--seed", type=click.IntRange(min=0), help="Seed of the student's init, views and order (overrides seed).")
 @click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (overrides train.epochs).")
-def train_cmd(config_path, device, store, online, out, seed, epochs):
+def train_cmd(config_path, device, store, overlay, online, out, seed, epochs):
     """Stage 3: train the config's student with its distillation method against the cached targets.
 
     Writes metrics.jsonl (per epoch), checkpoint.pt, student.pt and result.json into the run folder;
     a run killed part-way and started again resumes from its last finished epoch.
     """
     from stages.train_student import train_student
-    cfg = load_config(config_path, {"device": device, "seed": seed, "cache": {"store": store},
+    cfg = load_config(config_path, {"device": device, "seed": seed, "cache": {"store": store, "stats": overlay},
                                     "train": {"online": online, "out": out, "epochs": epochs}})
     r = train_student(cfg)
     click.echo(f"{r['method']} ({r['mode']}, {r['student']}): last test accuracy {r['last_accuracy']:.4f}, "
@@ -183,6 +217,37 @@ def report_cmd(run_dir, no_plots):
     report = write_report(run_dir, plots=not no_plots)
     click.echo(report["markdown"])
     click.echo(f"wrote {', '.join(str(f) for f in report['files'])}")
+
+
+@cli.command("info")
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def info_cmd(store, as_json):
+    """What STORE holds: teacher, data set, views, rows, size on disk, statistics and status."""
+    from pipeline.verify import format_info, store_info
+    info = store_info(store)
+    if as_json:
+        import json
+        click.echo(json.dumps(info, indent=2))
+    else:
+        click.echo(format_info(info))
+
+
+@cli.command("verify")
+@click.argument("store")
+@click.option("--spot-check", type=click.IntRange(min=0), default=0,
+              help="Also re-run the teacher on N random (sample, view) pairs and compare with the stored logits.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False),
+              help="The teacher checkpoint the store was built with (needed by --spot-check; sha256 must match).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the spot-checked pairs.")
+def verify_cmd(store, spot_check, checkpoint, seed):
+    """Check every chunk of STORE: checksums, missing chunks, shapes against the manifest, completion,
+    NaN/Inf, labels and view parameters in range; optionally re-run the teacher on a sample.
+
+    Stops at the first problem, names it (array, shard or chunk, sample rows, storage key) and exits 1.
+    """
+    from pipeline.verify import verify_store
+    click.echo(verify_store(store, spot_check=spot_check, checkpoint=checkpoint, seed=seed))
 
 
 def main():

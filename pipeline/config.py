@@ -4,6 +4,7 @@ Every key a stage reads is listed in DEFAULTS, so a misspelt key is an error, no
 Sections a stage does not use are simply ignored by it.
 """
 import copy
+import os
 from pathlib import Path
 
 import yaml
@@ -42,6 +43,9 @@ DEFAULTS = {
         "chunks_per_shard": 16,       # shard = the unit of work, resume and ownership between processes
         "batch_size": 512,            # teacher batch, in (sample, view) images
         "amp": False,                 # CUDA only: run the teacher under float16 autocast
+        "stats": None,                # statistics overlay (kdcache stats STORE --out OVERLAY); None: the store itself
+        "topk": None,                 # k: store only the k largest logits per row + the log of the rest's
+                                      # softmax mass (large K; docs/BENCHMARKS.md "Top-k storage"); None: all
     },
     "stats": {                        # stage 2 (kdcache stats); names and formulas: pipeline/stats.py
         "statistics": "all",          # "all" or a list of names, e.g. [mlt_temperature, wttm_power_sum]
@@ -90,7 +94,7 @@ def merge(base: dict, update: dict, where: str = "") -> dict:
             continue
         if key not in base:
             raise UserError(f"unknown config key '{name}' (known here: {', '.join(sorted(base))})")
-        if isinstance(base[key], dict) and base[key] and not isinstance(value, dict):
+        if isinstance(base[key], dict) and not isinstance(value, dict):
             raise UserError(f"config key '{name}' must be a mapping, got {value!r}")
         if isinstance(base[key], dict) and base[key]:
             out[key] = merge(base[key], value, f"{name}.")
@@ -108,6 +112,8 @@ def load_config(path=None, overrides: dict | None = None) -> dict:
             text = path.read_text()
         except OSError as e:
             raise UserError(f"cannot read config {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"config {path} is not a text (UTF-8) YAML file") from None
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
@@ -115,7 +121,15 @@ def load_config(path=None, overrides: dict | None = None) -> dict:
         if not isinstance(data, dict):
             raise UserError(f"config {path} must be a YAML mapping at the top level")
         cfg = merge(cfg, data)
-    return merge(cfg, _drop_none(overrides or {}))
+    cfg = merge(cfg, _drop_none(overrides or {}))
+    seed = cfg["seed"]
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
+        raise UserError(f"seed must be an integer >= 0, got {seed!r}")
+    for section, key in (("cache", "store"), ("cache", "stats"), ("teacher", "checkpoint")):
+        value = cfg[section].get(key)  # a number or list here would become a folder named after it
+        if not (isinstance(value, (str, os.PathLike)) and str(value) or value is None and key == "stats"):
+            raise UserError(f"{section}.{key} must be a path or URL, got {value!r}")
+    return cfg
 
 
 def _drop_none(d: dict) -> dict:

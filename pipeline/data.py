@@ -145,6 +145,8 @@ def load_dataset(name: str, split: str, *, root=None, subset: int | None = None,
     if set(options) - set(allowed):
         raise UserError(f"data set {name!r} does not take options {sorted(set(options) - set(allowed))}"
                         f"{'; allowed: ' + ', '.join(allowed) if allowed else ''}")
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        raise UserError(f"dataset.root must be a folder path, got {root!r}")
     if subset is not None and (isinstance(subset, bool) or not isinstance(subset, (int, np.integer)) or subset < 1):
         raise UserError(f"subset must be a positive integer (keep the first n samples), got {subset!r}")
 

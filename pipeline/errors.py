@@ -1,4 +1,4 @@
-"""The one exception for user mistakes: the CLI prints its message on one line and exits 2."""
+"""The one exception for user mistakes: the CLI prints its message on one line and exits 1."""
 
 
 class UserError(Exception):

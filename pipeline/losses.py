@@ -62,6 +62,46 @@ def standardize(z, unbiased=True, eps=1e-7):
     return (z - z.mean(dim=-1, keepdim=True)) / (std + eps)
 
 
+def topk_compress(z, k):
+    """The top-k form of teacher logits z (..., K): (values, indices, rest_logmass).
+
+    values (..., k): the k largest logits, sorted descending, in z's dtype; indices (..., k) int64 their
+    classes; rest_logmass (...): log of the softmax mass of the other K-k classes, computed in float64 as
+    logsumexp(rest) - logsumexp(all), so it stays finite (and exact) however small the mass is; returned
+    in float32 (float64 for float64 z). k = K has no rest: rest_logmass is -inf.
+    """
+    values, indices = z.topk(k, dim=-1)
+    z64 = z.detach().double()
+    lse_all = torch.logsumexp(z64, dim=-1)
+    rest = z64.scatter(-1, indices, float("-inf"))
+    rest_logmass = torch.logsumexp(rest, dim=-1) - lse_all
+    return values, indices, rest_logmass.to(torch.promote_types(z.dtype, torch.float32))
+
+
+def topk_logits(values, indices, rest_logmass, num_classes):
+    """Logits (..., K) rebuilt from the top-k form (`topk_compress`): their softmax is the teacher's
+    exact probabilities on the k stored classes and the rest mass spread uniformly over the other K-k.
+
+    The stored values are kept as they are (so max, margin, logsumexp and the top-k order are the
+    teacher's); every other class gets logit L + rest_logmass - log(K-k), where L = logsumexp(values) -
+    log(1 - exp(rest_logmass)) is the teacher's logsumexp. That value is at most the k-th largest logit
+    (up to rounding), so the argmax is kept too. Half precision comes out float32. Every loss and statistic then works
+    unchanged on the result; what it cannot restore is the spread of the K-k rest logits (their mean,
+    std and min, hence LS/MLT temperatures and entropies are approximations).
+    """
+    v = _upcast(values)
+    k = v.shape[-1]
+    if k == num_classes:  # nothing left out: the indices are a permutation of the classes
+        return v.new_empty(*v.shape[:-1], num_classes).scatter_(-1, indices.long(), v)
+    # The rest mass is < 1 except when the top-k mass underflowed to 0 (then log(1 - m) would be -inf).
+    tiny = torch.finfo(v.dtype).tiny
+    lm = rest_logmass.to(v.dtype).clamp(max=-tiny)
+    log_top = torch.where(lm > -math.log(2), torch.log(-torch.expm1(lm)), torch.log1p(-torch.exp(lm)))
+    rest = torch.logsumexp(v, dim=-1) - log_top + lm - math.log(num_classes - k)
+    out = rest.unsqueeze(-1).expand(*v.shape[:-1], num_classes).clone()
+    return out.scatter_(-1, indices.long(), v)
+
+
 def kd_loss(z_s, z_t, T):
     """Hinton KD: mean_i T_i^2 * KL(softmax(z_t/T_i) || softmax(z_s/T_i)).
 

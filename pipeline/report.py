@@ -26,19 +26,29 @@ def read_runs(grid_dir) -> list[dict]:
     listing = grid_dir / "runs.json"
     if not listing.exists():
         raise UserError(f"{grid_dir} is not a grid folder (no runs.json): run `kdcache grid GRID.yaml` first")
+    redo = "re-run `kdcache grid` to rewrite it"
+    try:
+        names = json.loads(listing.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the grid listing {listing} ({type(e).__name__}: {e}): {redo}") from None
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise UserError(f"cannot read the grid listing {listing} (not a list of run folders): {redo}")
     runs = []
-    for name in json.loads(listing.read_text()):
+    for name in names:
         folder = grid_dir / name
-        info = json.loads((folder / "config.json").read_text())
         result = folder / "result.json"
         error = folder / "error.txt"
         metrics = folder / "metrics.jsonl"
-        runs.append({"folder": str(folder), "label": info["label"], "student": info["student"],
-                     "seed": info["seed"], "axes": info["axes"],
-                     "result": json.loads(result.read_text()) if result.exists() else None,
-                     "metrics": [json.loads(line) for line in metrics.read_text().splitlines()]
-                     if metrics.exists() else [],
-                     "error": error.read_text() if error.exists() else None})
+        try:
+            info = json.loads((folder / "config.json").read_text())
+            runs.append({"folder": str(folder), "label": info["label"], "student": info["student"],
+                         "seed": info["seed"], "axes": info["axes"],
+                         "result": json.loads(result.read_text()) if result.exists() else None,
+                         "metrics": [json.loads(line) for line in metrics.read_text().splitlines()]
+                         if metrics.exists() else [],
+                         "error": error.read_text() if error.exists() else None})
+        except (OSError, ValueError, KeyError, TypeError) as e:  # a run folder deleted or edited by hand
+            raise UserError(f"cannot read run {name} of {grid_dir} ({type(e).__name__}: {e}): {redo}") from None
     return runs
 
 

@@ -1,6 +1,10 @@
 """The logit cache: one Zarr v3 group per teacher x data set x view space (spec: docs/FORMAT.md).
 
     logits      (N, V, K) float16|float32   teacher logits of every (sample, view)
+  or, in a top-k store (cache.topk = k; for large K), instead of logits:
+    topk_values  (N, V, k) float16|float32  the k largest logits, descending
+    topk_indices (N, V, k) uint16|uint32    their classes
+    rest_logmass (N, V)    float32          log of the softmax mass of the other K - k classes
     views       (N, V, P) int32             view parameters that re-create the teacher's input
     labels      (N,)      int32
     shard_done  (S,)      uint8             completion record, one element (and one file) per shard
@@ -13,14 +17,20 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
 import numpy as np
+import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.sync import sync
 
 from pipeline.errors import UserError
+from pipeline.losses import topk_compress, topk_logits
+from pipeline.sharing import (check_unlocked, filesystem, group_exists, is_read_only, join,
+                              local_path, open_group, protocol, reaching, remove)
 
 FORMAT = "kdcache-logit-cache"
 FORMAT_VERSION = 1
@@ -34,62 +44,105 @@ class CacheStore:
         self.group, self.path = group, path
         attrs = group.attrs.asdict()
         if attrs.get("format") != FORMAT:
-            raise UserError(f"{path} is not a kdcache store (no '{FORMAT}' format attribute)")
+            raise UserError(f"{path} is not a kdcache store (its zarr.json has no '{FORMAT}' format attribute)")
         version = attrs.get("format_version")
-        if version != FORMAT_VERSION:
-            raise UserError(f"{path} has format version {version}; this kdcache reads version {FORMAT_VERSION}")
-        for name in ("logits", "views", "labels", "shard_done"):
-            if name not in group:
-                raise UserError(f"store {path} has no '{name}' array: it is damaged or not a kdcache store")
-        self.logits, self.views = group["logits"], group["views"]
-        self.labels, self.shard_done = group["labels"], group["shard_done"]
-        self.samples_per_shard = self.logits.shards[0]
+        if type(version) is int and version > FORMAT_VERSION:
+            raise UserError(f"store {path} has format version {version}, newer than this kdcache reads "
+                            f"({FORMAT_VERSION}): upgrade kdcache to read it")
+        if type(version) is not int or version != FORMAT_VERSION:
+            raise UserError(f"store {path} has an unknown format version {version!r} (expected the integer "
+                            f"{FORMAT_VERSION}): its zarr.json is damaged or was not written by kdcache")
+        if not isinstance(attrs.get("manifest"), dict) or attrs.get("status") not in ("incomplete", "complete"):
+            raise UserError(f"store {path}: its zarr.json lacks a valid manifest or status: the store is damaged")
+        recorded = attrs.get("manifest_sha256")  # stores written before it was recorded have none
+        if recorded is not None and recorded != manifest_sha256(attrs["manifest"]):
+            raise UserError(f"store {path}: the manifest in its zarr.json was edited after creation (sha256 differs "
+                            "from manifest_sha256), so it no longer says what the logits came from; restore "
+                            "zarr.json or rebuild the store")
+        self.views, self.labels, self.shard_done = (self.array(n) for n in ("views", "labels", "shard_done"))
+        # The arrays that hold the logits: {"logits"} or the top-k three; read them with `decode_logits`.
+        self.logit_arrays = {n: self.array(n) for n in logit_array_names(attrs["manifest"])}
+        self.logits = self.logit_arrays.get("logits")  # None in a top-k store
+        self.samples_per_shard = self.labels.shards[0]
+        if self.status == "complete":
+            for a in (*self.logit_arrays.values(), self.views, self.labels, self.shard_done):
+                _check_objects_present(a, path)
+
+    def array(self, name: str) -> zarr.Array:
+        """The top-level array `name`, set to store every chunk it writes, even one equal to the fill value:
+        then a chunk missing from a written shard always means lost data (docs/FORMAT.md)."""
+        try:
+            a = self.group[name]
+        except KeyError:
+            raise UserError(f"store {self.path} has no '{name}' array (no {name}/zarr.json): it is damaged or not "
+                            "a kdcache store; run `kdcache verify` on it") from None
+        except (ValueError, TypeError) as e:  # zarr's metadata parsing: JSONDecodeError, bad fields
+            raise UserError(f"store {self.path}: the metadata of '{name}' ({name}/zarr.json) is unreadable ({e}): "
+                            "the store is damaged") from None
+        if not isinstance(a, zarr.Array):
+            raise UserError(f"store {self.path}: '{name}' is a group, not an array: the store is damaged")
+        return a.with_config({"write_empty_chunks": True})
 
     # ---- opening and creating -------------------------------------------------------------------
     @classmethod
     def open(cls, path, mode: str = "r") -> "CacheStore":
-        if not Path(path).exists():
-            raise UserError(f"no cache store at {path}")
-        try:
-            group = zarr.open_group(str(path), mode=mode, zarr_format=3)
-        except (zarr.errors.GroupNotFoundError, FileNotFoundError, ValueError) as e:
-            raise UserError(f"cannot open cache store {path}: {e}") from None
-        return cls(group, str(path))
+        """The store at `path`: a local path or a URL (file://, s3://, gs://, http(s):// read-only; see
+        pipeline/sharing.py). Mode 'r' or 'r+'. UserError when it is absent or cannot be reached."""
+        return cls(open_group(path, mode, what="cache store"), str(path))
 
     @classmethod
     def create(cls, path, manifest: dict, *, num_samples: int, num_views: int, num_classes: int,
                num_params: int, dtype: str = "float16", samples_per_chunk: int = 256,
                chunks_per_shard: int = 16) -> "CacheStore":
-        """Create an empty store atomically: build it beside `path`, then rename it into place.
+        """Create an empty store such that a reader sees either no store or a whole one.
 
-        When several processes race to create the same store, exactly one rename wins; the others
-        find the winner's store and check that its manifest is theirs.
+        Local: built beside `path`, then renamed into place. When several processes race to create the
+        same store, exactly one rename wins; the others find the winner's store and check that its
+        manifest is theirs. Object stores have no rename: the store is built in a local temporary folder
+        and its metadata documents (an empty store has no chunks) are put in place, each by an exclusive
+        put where the backend has one (S3: If-None-Match), the root zarr.json last: its appearance is the
+        commit. Racing processes of one job put identical documents; a racer with other contents is
+        detected by comparing the documents afterwards. The writer lock (stage 1) then keeps out a
+        second job.
         """
         if dtype not in DTYPES:
             raise UserError(f"cache dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if samples_per_chunk < 1 or chunks_per_shard < 1:
             raise UserError("cache.samples_per_chunk and cache.chunks_per_shard must be >= 1")
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex[:8]}")
+        layout = (manifest, num_samples, num_views, num_classes, num_params, dtype,
+                  samples_per_chunk, samples_per_chunk * chunks_per_shard)
+        if is_read_only(path):
+            raise UserError(f"cannot write cache store {path}: {protocol(path)} URLs are read-only; "
+                            "write to a local path or an object store (s3://, gs://)")
+        local = local_path(path)
+        if local is None:
+            with tempfile.TemporaryDirectory(prefix="kdcache-create-") as tmp:
+                _build(Path(tmp) / "store.zarr", *layout)
+                _put_documents(Path(tmp) / "store.zarr", path)
+            return cls.open(path, mode="r+")
+        tmp = local.with_name(f".{local.name}.creating-{uuid.uuid4().hex[:8]}")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _build(tmp, manifest, num_samples, num_views, num_classes, num_params, dtype,
-                   samples_per_chunk, samples_per_chunk * chunks_per_shard)
-            os.rename(tmp, path)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            _build(tmp, *layout)
+            os.rename(tmp, local)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            if not path.exists():
+            if not group_exists(local):
                 raise UserError(f"cannot write cache store {path}: {e.strerror or e}") from None
         return cls.open(path, mode="r+")
 
     @classmethod
     def open_or_create(cls, path, manifest: dict, *, overwrite: bool = False, **layout) -> "CacheStore":
-        """Open the store at `path` if its manifest matches, else create it (replace it with `overwrite`)."""
-        path = Path(path)
+        """Open the store at `path` if its manifest matches, else create it (replace it with `overwrite`,
+        unless another writer holds a lock on it)."""
         manifest = json.loads(json.dumps(manifest))  # compare in the stored (JSON) form: tuples -> lists
-        if path.exists() and overwrite:
-            shutil.rmtree(path)
-        if not path.exists():
+        if is_read_only(path):
+            raise UserError(f"cannot write cache store {path}: {protocol(path)} URLs are read-only; "
+                            "write to a local path or an object store (s3://, gs://)")
+        if overwrite and group_exists(path):  # never delete a folder that holds no Zarr group (user files)
+            check_unlocked(path)
+            remove(path)
+        if not group_exists(path):
             return cls.create(path, manifest, **layout)
         store = cls.open(path, mode="r+")
         diff = manifest_difference(store.manifest, manifest)
@@ -117,22 +170,47 @@ class CacheStore:
         return self.group.attrs["status"]
 
     @property
+    def num_classes(self) -> int:
+        """K, the teacher's class count (a top-k store records it on `topk_indices`)."""
+        if self.logits is not None:
+            return self.logits.shape[-1]
+        return int(self.logit_arrays["topk_indices"].attrs["num_classes"])
+
+    @property
+    def logits_shape(self) -> tuple[int, int, int]:
+        """(N, V, K) of the logits the store gives (`decode_logits`), whether it holds all K or the top k."""
+        return (*self.views.shape[:2], self.num_classes)
+
+    @property
+    def topk(self) -> int | None:
+        """k of a top-k store (`cache.topk`), None when it holds the full logits."""
+        return None if self.logits is not None else self.logit_arrays["topk_values"].shape[-1]
+
+    @property
     def num_shards(self) -> int:
         return self.shard_done.shape[0]
 
     def shard_rows(self, shard: int) -> slice:
         start = shard * self.samples_per_shard
-        return slice(start, min(start + self.samples_per_shard, self.logits.shape[0]))
+        return slice(start, min(start + self.samples_per_shard, self.labels.shape[0]))
 
     def done(self) -> np.ndarray:
         """Boolean (S,): which shards are complete."""
         return self.shard_done[:].astype(bool)
 
     # ---- writing ----------------------------------------------------------------------------------
-    def write_shard(self, shard: int, logits: np.ndarray, views: np.ndarray, labels: np.ndarray) -> None:
-        """Write one whole shard, then record it done: a crash before the record means it is redone."""
+    def write_shard(self, shard: int, logits: np.ndarray | dict, views: np.ndarray, labels: np.ndarray) -> None:
+        """Write one whole shard, then record it done: a crash before the record means it is redone.
+
+        `logits`: the (n, V, K) logits, or for a top-k store a dict of its three arrays' rows
+        (`topk_parts`).
+        """
         rows = self.shard_rows(shard)
-        self.logits[rows] = logits
+        parts = logits if isinstance(logits, dict) else {"logits": logits}
+        if parts.keys() != self.logit_arrays.keys():
+            raise ValueError(f"write_shard got {sorted(parts)}, the store holds {sorted(self.logit_arrays)}")
+        for name, values in parts.items():
+            self.logit_arrays[name][rows] = values
         self.views[rows] = views
         self.labels[rows] = labels
         self.shard_done[shard] = 1
@@ -147,24 +225,136 @@ class CacheStore:
 
 
 def _build(path, manifest, n, v, k, p, dtype, chunk, shard):
+    topk = logit_storage(manifest, k)  # checked before anything is written
     group = zarr.open_group(str(path), mode="w-", zarr_format=3)
-    group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION,
-                        "status": "incomplete", "manifest": manifest})
+    group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "status": "incomplete",
+                        "manifest": manifest, "manifest_sha256": manifest_sha256(manifest)})
 
-    def per_sample(name, shape, dtype, itemsize, dims):
+    def per_sample(name, shape, dtype, itemsize, dims, attributes=None):
         group.create_array(
             name, shape=shape, dtype=dtype, chunks=(chunk,) + shape[1:], shards=(shard,) + shape[1:],
             compressors=[BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=itemsize),
                          Crc32cCodec()],
-            fill_value=0, dimension_names=dims)
+            fill_value=0, dimension_names=dims, attributes=attributes)
 
-    per_sample("logits", (n, v, k), dtype, np.dtype(dtype).itemsize, ("sample", "view", "class"))
+    if topk is None:
+        per_sample("logits", (n, v, k), dtype, np.dtype(dtype).itemsize, ("sample", "view", "class"))
+    else:
+        index = topk_index_dtype(k)
+        per_sample("topk_values", (n, v, topk), dtype, np.dtype(dtype).itemsize, ("sample", "view", "rank"))
+        per_sample("topk_indices", (n, v, topk), index, np.dtype(index).itemsize, ("sample", "view", "rank"),
+                   {"num_classes": k})  # K: the range of the indices, what the logits are rebuilt to
+        per_sample("rest_logmass", (n, v), "float32", 4, ("sample", "view"))
     per_sample("views", (n, v, p), "int32", 4, ("sample", "view", "param"))
     per_sample("labels", (n,), "int32", 4, ("sample",))
     num_shards = -(-n // shard)
     group.create_array("shard_done", shape=(num_shards,), dtype="uint8", chunks=(1,), fill_value=0,
                        compressors=[Crc32cCodec()], dimension_names=("shard",))
 
+
+TOPK_ARRAYS = ("topk_values", "topk_indices", "rest_logmass")
+
+
+def logit_array_names(manifest: dict) -> tuple[str, ...]:
+    """The arrays that hold a store's logits, by its manifest's `logits.storage` ("full" when absent)."""
+    logits = manifest.get("logits")
+    return TOPK_ARRAYS if isinstance(logits, dict) and logits.get("storage") == "topk" else ("logits",)
+
+
+def logit_storage(manifest: dict, num_classes: int) -> int | None:
+    """k of the manifest's top-k storage (None: full logits); UserError unless 1 <= k < K."""
+    if logit_array_names(manifest) != TOPK_ARRAYS:
+        return None
+    k = manifest["logits"].get("k")
+    if not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k < num_classes):
+        raise UserError(f"cache.topk must be an integer in 1..{num_classes - 1} (the teacher has {num_classes} "
+                        f"classes) or null for the full logits, got {k!r}")
+    return k
+
+
+def topk_index_dtype(num_classes: int) -> str:
+    """Class indices of a top-k store: uint16 while they fit (K <= 65536), else uint32."""
+    return "uint16" if num_classes <= 2**16 else "uint32"
+
+
+def topk_parts(logits: np.ndarray, k: int, dtype: str, rows_per_step: int = 4096) -> dict[str, np.ndarray]:
+    """The top-k arrays of float32 logits (n, V, K), as `write_shard` takes them: values cast to the cache
+    `dtype`, indices in `topk_index_dtype`, rest_logmass float32 (pipeline.losses.topk_compress, a few
+    thousand rows at a time to bound its float64 temporaries)."""
+    n, V, K = logits.shape
+    flat = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32).reshape(n * V, K))
+    values = np.empty((n * V, k), dtype)
+    indices = np.empty((n * V, k), topk_index_dtype(K))
+    rest = np.empty(n * V, np.float32)
+    for s in range(0, n * V, rows_per_step):
+        v, i, r = topk_compress(flat[s:s + rows_per_step], k)
+        values[s:s + len(v)], indices[s:s + len(v)], rest[s:s + len(v)] = v.numpy(), i.numpy(), r.numpy()
+    return {"topk_values": values.reshape(n, V, k), "topk_indices": indices.reshape(n, V, k),
+            "rest_logmass": rest.reshape(n, V)}
+
+
+def decode_logits(parts: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
+    """float32 logits (..., K) of some rows from what the store holds for them: the logits themselves, or
+    their reconstruction from the top-k arrays (pipeline.losses.topk_logits; the arrays' names as keys)."""
+    if "logits" in parts:
+        return parts["logits"].astype(np.float32)
+    logits = topk_logits(torch.from_numpy(np.ascontiguousarray(parts["topk_values"])),
+                         torch.from_numpy(parts["topk_indices"].astype(np.int64)),
+                         torch.from_numpy(np.ascontiguousarray(parts["rest_logmass"])), num_classes)
+    return logits.numpy()
+
+
+def manifest_sha256(manifest: dict) -> str:
+    """sha256 of the whole manifest as sorted-key JSON: recorded at creation, so an edited manifest is detected."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def _check_objects_present(a: zarr.Array, path: str) -> None:
+    """Every object (shard file, or chunk of shard_done) of a complete store's array exists and, in a local
+    store, is not empty: zarr would silently read a missing or empty one as zeros (as 'not done').
+
+    One listing of the array's keys. A remote store that cannot list (plain HTTP without directory pages)
+    lists nothing: then only `kdcache verify` checks it (by reading every object).
+    """
+    if not a.store.supports_listing:
+        return
+    listed = sync(_listed(a.store, f"{a.path}/"))
+    local = isinstance(a.store, zarr.storage.LocalStore)
+    if not listed and not local:
+        return
+    step = (a.shards or a.chunks)[0]
+    for i in range(-(-a.shape[0] // step)):
+        key = f"{a.path}/{a.metadata.encode_chunk_key((i,) + (0,) * (a.ndim - 1))}"
+        rows = f"samples {i * step}..{min((i + 1) * step, a.shape[0]) - 1}" if a.shards else f"shard {i}"
+        if key not in listed:
+            raise UserError(f"store {path}: {key} ({rows}) is missing: lost data, it would read as zeros; "
+                            "run `kdcache verify` on the store")
+        if local and (Path(a.store.root) / key).stat().st_size == 0:
+            raise UserError(f"store {path}: {key} ({rows}) is empty (0 bytes, truncated): lost data; "
+                            "run `kdcache verify` on the store")
+
+
+async def _listed(store, prefix: str) -> set[str]:
+    return {key async for key in store.list_prefix(prefix)}
+
+
+def _put_documents(built: Path, location) -> None:
+    """Put the metadata documents of a store built locally at `built` into the remote `location`, each by
+    an exclusive create, the root zarr.json last; then check that what is there is ours."""
+    fs, root = filesystem(location)
+    keys = sorted((f.relative_to(built).as_posix() for f in built.rglob("*") if f.is_file()),
+                  key=lambda k: (k == "zarr.json", k))
+    with reaching(location):
+        for key in keys:
+            try:
+                with fs.open(join(root, key), "xb") as out:
+                    out.write((built / key).read_bytes())
+            except FileExistsError:
+                pass  # put by a racing process: compared below
+        for key in keys:
+            if fs.cat_file(join(root, key)) != (built / key).read_bytes():
+                raise UserError(f"another process created a store at {location} at the same time with other "
+                                f"contents ({key} differs): run one job per store, and replace it with --overwrite")
 
 # Keys that describe the environment, not the content: they may differ between compatible writers.
 _VOLATILE = ("software",)

@@ -19,7 +19,8 @@ from pipeline.data import load_dataset
 from pipeline.errors import UserError
 from pipeline.inference import accuracy, model_logits
 from pipeline.models import load_checkpoint, select_device
-from pipeline.store import CacheStore
+from pipeline.sharing import writer_lock
+from pipeline.store import CacheStore, logit_storage, topk_parts
 from pipeline.views import ViewSpace
 
 
@@ -31,9 +32,10 @@ def cache_teacher(cfg: dict, *, num_shards: int = 1, shard_index: int = 0, overw
     if overwrite and num_shards > 1:
         raise UserError("--overwrite cannot be combined with several processes; delete the store first")
     torch.manual_seed(cfg["seed"])
-    dcfg, ccfg = cfg["dataset"], cfg["cache"]
+    dcfg, ccfg = cfg["dataset"], check_cache(cfg["cache"])
     data = load_dataset(dcfg["name"], "train", root=dcfg["root"], subset=dcfg["subset"], **dcfg["options"])
     space = ViewSpace.from_config(cfg["views"], data.image_size)
+    logits_entry = _logits_entry(ccfg, data.num_classes)  # checks cache.topk before the teacher runs
     device = select_device(cfg["device"])
     teacher, info = load_checkpoint(cfg["teacher"]["checkpoint"], arch=cfg["teacher"]["arch"],
                                     num_classes=data.num_classes, in_channels=data.channels, device=device)
@@ -48,7 +50,7 @@ def cache_teacher(cfg: dict, *, num_shards: int = 1, shard_index: int = 0, overw
         "dataset": data.describe(),
         "preprocessing": {"mean": list(data.mean), "std": list(data.std), "resolution": space.output_size},
         "views": space.to_manifest(),
-        "logits": {"dtype": ccfg["dtype"]},
+        "logits": logits_entry,
         "software": {"kdcache": pipeline.__version__, "torch": torch.__version__, "zarr": zarr.__version__},
     }
     store = CacheStore.open_or_create(
@@ -58,7 +60,9 @@ def cache_teacher(cfg: dict, *, num_shards: int = 1, shard_index: int = 0, overw
 
     done = store.done()
     todo = [s for s in range(store.num_shards) if s % num_shards == shard_index and not done[s]]
-    with ShardWriter(store) as writer:
+    # the processes of one job (--num-shards N) share the store; a second job is refused
+    lock = writer_lock(store.path, f"cache-teacher-{shard_index}-of-{num_shards}", job=f"cache-teacher-of-{num_shards}")
+    with lock, ShardWriter(store) as writer:
         for shard in tqdm(todo, desc=f"stage 1 shards (process {shard_index}/{num_shards})",
                           disable=not progress, unit="shard"):
             rows = store.shard_rows(shard)
@@ -66,10 +70,26 @@ def cache_teacher(cfg: dict, *, num_shards: int = 1, shard_index: int = 0, overw
             params = space.sample_params(ids, _image_sizes(data, ids))
             logits = model_logits(teacher, data, ids, params, space, batch_size=ccfg["batch_size"],
                                   device=device, amp=ccfg["amp"])
-            stored = _checked_cast(logits, ccfg["dtype"], shard)
+            stored = _checked_cast(logits, ccfg["dtype"], shard, ccfg["topk"])
             writer.put(shard, stored, params, data.labels[ids].astype(np.int32))
     store.mark_complete_if_done()
     return store
+
+
+def check_cache(c: dict) -> dict:
+    """The `cache` section's types and ranges, checked before the teacher runs (CacheStore.create checks
+    the dtype and the layout again, for callers that skip this)."""
+    def positive_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    for key, ok, must_be in (("store", lambda v: isinstance(v, (str, os.PathLike)) and str(v), "a folder path or URL"),
+                             ("batch_size", positive_int, "an integer >= 1"),
+                             ("samples_per_chunk", positive_int, "an integer >= 1"),
+                             ("chunks_per_shard", positive_int, "an integer >= 1"),
+                             ("amp", lambda v: isinstance(v, bool), "true or false")):
+        if not ok(c[key]):
+            raise UserError(f"cache.{key} must be {must_be}, got {c[key]!r}")
+    return c
 
 
 def _teacher_accuracy(teacher, info, dcfg, device) -> float:
@@ -85,14 +105,30 @@ def _image_sizes(data, ids):
     return data.image_size if data.image_size is not None else data.image_sizes(ids)
 
 
-def _checked_cast(logits: np.ndarray, dtype: str, shard: int) -> np.ndarray:
-    """Refuse NaN/Inf teacher outputs (and float16 overflow) instead of caching garbage."""
+def _logits_entry(ccfg: dict, num_classes: int) -> dict:
+    """The manifest's `logits` entry: the dtype, plus storage "topk" and k for a top-k store (a full
+    store's entry has no `storage`, as before the option existed, so existing stores keep their
+    fingerprint)."""
+    if ccfg["topk"] is None:
+        return {"dtype": ccfg["dtype"]}
+    entry = {"dtype": ccfg["dtype"], "storage": "topk", "k": ccfg["topk"]}
+    logit_storage({"logits": entry}, num_classes)  # UserError unless 1 <= k < K
+    return entry
+
+
+def _checked_cast(logits: np.ndarray, dtype: str, shard: int, topk: int | None = None) -> np.ndarray | dict:
+    """Refuse NaN/Inf teacher outputs (and float16 overflow) instead of caching garbage; with `topk`,
+    the top-k arrays of the float32 logits (what `CacheStore.write_shard` takes)."""
     bad = int((~np.isfinite(logits)).sum())
     if bad:
         raise UserError(f"the teacher produced {bad} NaN/Inf logits in shard {shard}; nothing of it was "
                         "written and the store stays incomplete (check the checkpoint and input normalisation)")
-    stored = logits.astype(dtype)
-    over = int((~np.isfinite(stored)).sum())
+    if topk is not None:
+        stored = topk_parts(logits, topk, dtype)
+        over = int((~np.isfinite(stored["topk_values"])).sum())
+    else:
+        stored = logits.astype(dtype)
+        over = int((~np.isfinite(stored)).sum())
     if over:
         raise UserError(f"{over} logits in shard {shard} exceed the float16 range; "
                         "set cache.dtype: float32")
@@ -140,5 +176,9 @@ class ShardWriter:
 def shards_from_env(num_shards, shard_index):
     """Under torchrun (WORLD_SIZE/RANK set) each rank takes its share unless told otherwise."""
     if num_shards is None:
-        return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+        size, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
+        if not (size.isdigit() and rank.isdigit() and int(rank) < int(size)):
+            raise UserError(f"WORLD_SIZE={size!r} and RANK={rank!r} (from torchrun) must be integers with "
+                            "0 <= RANK < WORLD_SIZE; or give --num-shards and --shard-index")
+        return int(size), int(rank)
     return num_shards, shard_index or 0

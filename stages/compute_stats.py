@@ -15,9 +15,14 @@ fingerprint is written last, so an array without one is an interrupted computati
 same settings does nothing; new settings add arrays; arrays from other logits (stale) are recomputed
 by `compute_stats` and refused by `read_stat`.
 
+Consumers of a shared store need not write it: with `out`, the same stats/ arrays go to a separate
+statistics overlay store tied to the cache by its fingerprint (pipeline/sharing.py), which is how a
+read-only store (http(s), no write permission) gets statistics; `read_stat(..., overlay=...)` reads them.
+
 Schedulers: the local threaded one by default; `workers=N` starts a dask.distributed LocalCluster of N
 single-threaded processes; `scheduler=ADDRESS` uses a running cluster, whose workers must see the
-store at the same path (a shared file system) and have kdcache installed.
+store at the same path (a shared file system) or URL (with the credentials in their environment) and
+have kdcache installed.
 """
 import contextlib
 import shlex
@@ -27,37 +32,55 @@ import dask
 import dask.array as da
 import numpy as np
 import torch
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 import pipeline
 from pipeline.errors import UserError
 from pipeline.stats import (STATISTICS, Output, block_statistics, check_settings, class_statistics,
                             number_name, output, plan_outputs)
-from pipeline.store import CacheStore
+from pipeline.sharing import ReadOnlyStore, open_overlay, writer_lock
+from pipeline.store import CacheStore, decode_logits
 
-COMPRESSORS = [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=4)]
+COMPRESSORS = [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=4), Crc32cCodec()]
 
 
-def compute_stats(path, settings: dict, *, scheduler: str | None = None, workers: int | None = None,
+def compute_stats(path, settings: dict, *, out=None, scheduler: str | None = None, workers: int | None = None,
                   progress: bool = True) -> dict:
     """Compute the statistics that `settings` (the config's `stats` section) asks for and are not
-    already up to date in the store at `path`.
+    already up to date in the store at `path` (a path or URL).
 
-    Returns {"store", "computed", "stale" (recomputed because their logits changed), "up_to_date"}:
-    lists of array names under stats/.
+    They go to the store's own stats/ group, or with `out` to the statistics overlay at `out` (created
+    when missing; pipeline/sharing.py): consumers of a shared store never modify it, and a read-only
+    one (http(s), no write permission) needs `out`. The `stats` writer lock of what is written is held
+    throughout, so two stage-2 runs (or stage 2 and stage 1) never write one store together.
+
+    Returns {"store", "overlay", "computed", "stale" (recomputed because their logits changed),
+    "up_to_date"}: lists of array names under stats/.
     """
     if scheduler and workers:
         raise UserError("give either --scheduler ADDRESS or --workers N, not both")
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
     settings = check_settings(settings)
-    store = CacheStore.open(path, mode="r+")
+    store = CacheStore.open(path, mode="r" if out else "r+")
     _check_store(store)
-    group = store.group.require_group("stats")
+    root = store.group if out is None else open_overlay(out, store.fingerprint(), store.path, create=True)
+    try:
+        with writer_lock(store.path if out is None else out, "stats"):
+            return _compute(store, root, out, settings, scheduler, workers, progress)
+    except ReadOnlyStore as e:
+        if out is not None:
+            raise
+        raise UserError(f"{e}: write the statistics to a separate overlay with `kdcache stats {path} --out "
+                        "OVERLAY.zarr` and train with `--stats OVERLAY.zarr`") from None
+
+
+def _compute(store: CacheStore, root, out, settings, scheduler, workers, progress) -> dict:
+    group = root.require_group("stats")
     fingerprint = store.fingerprint()
     state = {o.name: _state(group, o, fingerprint) for o in plan_outputs(settings)}
     todo = [o for o in plan_outputs(settings) if state[o.name] != "fresh"]
-    summary = {"store": store.path, "computed": [o.name for o in todo],
+    summary = {"store": store.path, "overlay": out, "computed": [o.name for o in todo],
                "stale": [n for n, s in state.items() if s == "stale"],
                "up_to_date": [n for n, s in state.items() if s == "fresh"]}
     if not todo:
@@ -67,41 +90,46 @@ def compute_stats(path, settings: dict, *, scheduler: str | None = None, workers
         for o in todo:
             _create(group, o, store)
         run(_graph(store, group, todo, settings["ece_bins"]))
-    record = {"logits_fingerprint": fingerprint, "logits_shape": list(store.logits.shape),
-              "logits_dtype": str(store.logits.dtype), "computed_in": "float32",
+    record = {"logits_fingerprint": fingerprint, "logits_shape": list(store.logits_shape),
+              "logits_dtype": str(next(iter(store.logit_arrays.values())).dtype), "computed_in": "float32",
               "kdcache_version": pipeline.__version__}
     for o in todo:  # last: an array without a fingerprint is an interrupted run
         group[o.name].update_attributes(record)
     return summary
 
 
-def read_stat(store: CacheStore, statistic: str, **params):
+def read_stat(store: CacheStore, statistic: str, *, overlay=None, **params):
     """The zarr array of `statistic` for `params` (t_base, std, gamma, ece_bins: those it depends on),
-    checked to come from this store's current logits.
+    checked to come from this store's current logits; from the statistics overlay at `overlay` (a path
+    or URL, see compute_stats' `out`) when given, else from the store's own stats/ group.
 
     E.g. read_stat(store, "mlt_temperature", std="unbiased"), read_stat(store, "wttm_power_sum",
     gamma=0.1). Raises UserError naming the `kdcache stats` call that computes a missing or stale one.
     """
     o = output(statistic, **params)
-    group = store.group["stats"] if "stats" in store.group else None
+    root = store.group if overlay is None else open_overlay(overlay, store.fingerprint(), store.path)
+    group = root["stats"] if "stats" in root else None
     state = "missing" if group is None else _state(group, o, store.fingerprint())
     if state == "fresh":
         return group[o.name]
     why = {"missing": "has no", "incomplete": "has an incomplete (interrupted)",
            "stale": "has a stale (computed from other logits)"}[state]
-    raise UserError(f"store {store.path} {why} stats/{o.name}; compute it with: {stats_command(store.path, o)}")
+    where = f"store {store.path}" if overlay is None else f"statistics overlay {overlay}"
+    raise UserError(f"{where} {why} stats/{o.name}; compute it with: {stats_command(store.path, o, overlay)}")
 
 
-def stats_command(path, o: Output) -> str:
-    """The exact `kdcache stats` call that computes output `o`."""
+def stats_command(path, o: Output, out=None) -> str:
+    """The exact `kdcache stats` call that computes output `o` (into the overlay `out`, if given)."""
     flags = {"t_base": "--t-base", "std": "--std", "gamma": "--gamma", "ece_bins": "--ece-bins"}
     args = [f"{flags[k]} {number_name(v) if isinstance(v, float) else v}" for k, v in o.params.items()]
-    return " ".join(["kdcache stats", shlex.quote(str(path)), "--stat", o.statistic, *args])
+    into = ["--out", shlex.quote(str(out))] if out is not None else []
+    return " ".join(["kdcache stats", shlex.quote(str(path)), *into, "--stat", o.statistic, *args])
 
 
-def plot_stats(path, settings: dict, out_dir) -> list[Path]:
+def plot_stats(path, settings: dict, out_dir, *, overlay=None) -> list[Path]:
     """PNG histograms of the temperatures, entropy and margin, and the per-class accuracy and
-    similarity matrix, for the statistics `settings` computed; returns the files written."""
+    similarity matrix, for the statistics `settings` computed (in the store, or in `overlay`);
+    returns the files written."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     settings = check_settings(settings)
@@ -111,7 +139,7 @@ def plot_stats(path, settings: dict, out_dir) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def values(stat):
-        return read_stat(store, stat, **planned[stat].params)[...]
+        return read_stat(store, stat, overlay=overlay, **planned[stat].params)[...]
 
     def save(fig, name):
         fig.savefig(out_dir / name, dpi=80)
@@ -163,8 +191,10 @@ def block_samples(store: CacheStore) -> int:
     4.9 MiB), which bounds each task's memory (and the float32 temporaries of the kernel) whatever the
     layout stage 1 chose.
     """
-    chunk, shard = store.logits.chunks[0], store.samples_per_shard
-    chunk_bytes = chunk * int(np.prod(store.logits.shape[1:])) * store.logits.dtype.itemsize
+    chunk, shard = store.labels.chunks[0], store.samples_per_shard
+    _, V, K = store.logits_shape
+    itemsize = 4 if store.logits is None else store.logits.dtype.itemsize  # top-k: rebuilt in float32
+    chunk_bytes = chunk * V * K * itemsize
     fit = max(1, BLOCK_BYTES // chunk_bytes)
     chunks_per_shard = shard // chunk
     return chunk * max(d for d in range(1, chunks_per_shard + 1) if chunks_per_shard % d == 0 and d <= fit)
@@ -174,18 +204,25 @@ def _graph(store: CacheStore, group, todo: list[Output], ece_bins: int) -> list:
     """Dask collections that compute `todo` and store it into the (created) arrays of `group`.
 
     One da.store of everything, computed at once: one graph, so each block is read and computed once.
+    A top-k store's blocks are rebuilt into (S, V, K) float32 logits first (`decode_logits`).
     """
-    N, V, K = store.logits.shape
+    N, V, K = store.logits_shape
     S = block_samples(store)
-    logits = da.from_zarr(store.logits, chunks=(S, V, K))
     labels = da.from_zarr(store.labels, chunks=(S,))
     task = dask.delayed(block_statistics, pure=True)
-    parts = [task(lb, yb, todo, ece_bins) for lb, yb in zip(logits.to_delayed().ravel(), labels.to_delayed().ravel())]
+    if store.logits is not None:
+        blocks = da.from_zarr(store.logits, chunks=(S, V, K)).to_delayed().ravel()
+    else:
+        arrays = {n: da.from_zarr(a, chunks=(S,) + a.shape[1:]).to_delayed().ravel()
+                  for n, a in store.logit_arrays.items()}
+        decode = dask.delayed(decode_logits, pure=True)
+        blocks = [decode(dict(zip(arrays, b)), K) for b in zip(*arrays.values())]
+    parts = [task(lb, yb, todo, ece_bins) for lb, yb in zip(blocks, labels.to_delayed().ravel())]
     sources, targets = [], []
     row_outs = [o for o in todo if o.per_row]
     if row_outs:
         rows = da.concatenate([da.from_delayed(p[0], shape=(n, V, len(row_outs)), dtype=np.float32)
-                               for p, n in zip(parts, logits.chunks[0])])
+                               for p, n in zip(parts, labels.chunks[0])])
         rows = rows.rechunk({0: store.samples_per_shard})  # one write per output shard (blocks are small)
         sources += [rows[..., j].astype(group[o.name].dtype) for j, o in enumerate(row_outs)]
         targets += [group[o.name] for o in row_outs]
@@ -223,8 +260,8 @@ def _check_store(store: CacheStore):
         done = int(store.done().sum())
         raise UserError(f"store {store.path} is incomplete ({done}/{store.num_shards} shards done): "
                         "finish stage 1 (kdcache cache-teacher) before computing statistics")
-    if store.logits.shape[-1] < 2:
-        raise UserError(f"store {store.path} has {store.logits.shape[-1]} class(es); statistics need at least 2")
+    if store.num_classes < 2:
+        raise UserError(f"store {store.path} has {store.num_classes} class(es); statistics need at least 2")
 
 
 def _state(group, o: Output, fingerprint: str) -> str:
@@ -241,7 +278,7 @@ def _state(group, o: Output, fingerprint: str) -> str:
 
 def _create(group, o: Output, store: CacheStore):
     """An empty output array (replacing a stale or incomplete one) with its statistic and parameters."""
-    N, V, K = store.logits.shape
+    N, V, K = store.logits_shape
     shards = None
     if o.per_row:  # laid out like the logits: a shard per logits shard, a chunk per Dask block
         shape, chunks, dims = (N, V), (block_samples(store), V), ("sample", "view")
@@ -254,7 +291,7 @@ def _create(group, o: Output, store: CacheStore):
                                                                    "float32" if o.per_row else "float64")
     fill = {"bool": False, "int64": 0}.get(dtype, float("nan"))
     group.create_array(o.name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, fill_value=fill,
-                       compressors=COMPRESSORS if o.per_row else None, dimension_names=dims, overwrite=True,
+                       compressors=COMPRESSORS if o.per_row else [Crc32cCodec()], dimension_names=dims, overwrite=True,
                        attributes={"statistic": o.statistic, "description": STATISTICS[o.statistic][0],
                                    "params": o.params})
 
@@ -277,7 +314,7 @@ def _scheduler(address, workers, progress):
         if address:
             try:
                 client = stack.enter_context(Client(address, timeout="10s"))
-            except (OSError, TimeoutError) as e:
+            except (OSError, TimeoutError, ValueError) as e:  # ValueError: not an address
                 raise UserError(f"cannot connect to the dask scheduler at {address}: {e}") from None
         else:
             cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,

@@ -45,6 +45,8 @@ def load_grid(path) -> dict:
         grid = yaml.safe_load(path.read_text()) or {}
     except OSError as e:
         raise UserError(f"cannot read grid file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"grid file {path} is not a text (UTF-8) YAML file") from None
     except yaml.YAMLError as e:
         raise UserError(f"grid file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(grid, dict):
@@ -72,22 +74,34 @@ def expand_grid(grid: dict) -> list[dict]:
     parameters are invalid keeps its UserError message in `error` (reported; the others still run).
     """
     base = load_config(grid.get("config"), None)
-    base = merge(base, grid.get("set") or {})
+    overrides = grid.get("set") or {}
+    train_set = overrides.get("train") if isinstance(overrides, dict) else None
+    decided = [f"train.{k}" for k in ("method", "params", "out") if isinstance(train_set, dict) and k in train_set]
+    if decided:  # every run sets these itself: a value here would be silently replaced
+        raise UserError(f"grid `set` cannot set {', '.join(decided)}: the grid sets it per run (use `methods` "
+                        "with their params, `params` axes and `out`)")
+    base = merge(base, overrides)
     methods = grid["methods"]
     if not isinstance(methods, dict):
         raise UserError("grid `methods` must map a label to {method: NAME, params: {...}}")
     students = grid.get("students") or [base["train"]["student"]]
     seeds = grid.get("seeds") or [base["seed"]]
+    for key, values, ok, what in (
+            ("students", students, lambda v: isinstance(v, str) and v, "model names"),
+            ("seeds", seeds, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "integers >= 0")):
+        if not (isinstance(values, list) and all(ok(v) for v in values)):
+            raise UserError(f"grid `{key}` must be a non-empty list of {what}, got {values!r}")
     axes = grid.get("params") or {}
     if not isinstance(axes, dict) or not all(isinstance(v, list) and v for v in axes.values()):
         raise UserError("grid `params` must map a parameter name to a non-empty list of values, e.g. {T: [2, 4]}")
     out = Path(grid["out"])
-    runs, seen = [], set()
+    runs, seen, swept_somewhere = [], set(), set()
     for label, spec in methods.items():
         if not isinstance(spec, dict) or set(spec) - {"method", "params"}:
             raise UserError(f"grid method {label!r} must be {{method: NAME, params: {{...}}}}, got {spec!r}")
         method = spec.get("method", label)
         swept = [a for a in axes if a in METHOD_PARAMS.get(method, {})]
+        swept_somewhere.update(swept)
         for student, values, seed in itertools.product(students, itertools.product(*(axes[a] for a in swept)), seeds):
             chosen = dict(zip(swept, values))
             params, error = {**(spec.get("params") or {}), **chosen}, None
@@ -104,6 +118,10 @@ def expand_grid(grid: dict) -> list[dict]:
             cfg["train"]["out"] = str(out / key[:16])
             runs.append({"key": key, "folder": cfg["train"]["out"], "label": label, "student": student,
                          "seed": seed, "axes": chosen, "cfg": cfg, "error": error})
+    unused = [a for a in axes if a not in swept_somewhere]  # a typo would silently sweep nothing
+    if unused:
+        raise UserError(f"no method of the grid takes the swept parameter(s) {', '.join(map(str, unused))}; "
+                        "check the spelling (parameters per method: pipeline/losses.py)")
     return runs
 
 
@@ -149,7 +167,10 @@ def run_grid(grid_path, *, workers: int | None = None, scheduler: str | None = N
     grid = load_grid(grid_path)
     runs = expand_grid(grid)
     out = Path(grid["out"])
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write the grid folder {out}: {e.strerror} ({e.filename})") from None
     (out / "grid.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
     (out / "runs.json").write_text(json.dumps([Path(r["folder"]).name for r in runs], indent=1))
     failed, skipped, todo = {}, [], []
@@ -170,7 +191,10 @@ def run_grid(grid_path, *, workers: int | None = None, scheduler: str | None = N
               + (f", {len(failed)} invalid" if failed else ""), flush=True)
     if todo:
         if scheduler:
-            cluster, client = None, Client(scheduler)
+            try:
+                cluster, client = None, Client(scheduler, timeout="10s")
+            except (OSError, TimeoutError, ValueError) as e:
+                raise UserError(f"cannot connect to the dask scheduler at {scheduler}: {e}") from None
         else:
             n = workers or min(os.cpu_count() or 1, len(todo))
             cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0")

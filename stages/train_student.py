@@ -42,7 +42,8 @@ from pipeline.inference import accuracy
 from pipeline.losses import check_params, distill_loss
 from pipeline.models import build_model, load_checkpoint, save_checkpoint, select_device
 from stages.compute_stats import read_stat
-from pipeline.store import CacheStore
+from pipeline.sharing import group_exists, open_overlay
+from pipeline.store import CacheStore, decode_logits
 from pipeline.views import ViewSpace, apply_views
 
 RUN_FORMAT = "kdcache-train-run-1"
@@ -68,7 +69,7 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
     if method != "ce" and not t["online"]:
         store = open_store(cfg["cache"]["store"], data, cfg["views"])
         space = ViewSpace.from_manifest(store.manifest["views"])
-        stats = cached_stats(store, method, params)
+        stats = cached_stats(store, method, params, cfg["cache"]["stats"])
         in_memory = store_bytes(store) <= t["memory_gb"] * 2**30
         source = (MemoryTargets(store, stats) if in_memory else ZarrTargets(store, stats, t["chunks_per_block"]))
     else:
@@ -83,6 +84,10 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
     student = build_model(t["student"], data.num_classes, data.channels, image_size=space.output_size[0]).to(device)
     opt = make_optimizer(student, t)
     out = Path(t["out"])
+    try:  # now, not after the first epoch
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write the run folder {out}: {e.strerror} ({e.filename})") from None
     metrics, wall, first_epoch = resume(out, student, opt, cfg, fingerprint)
 
     N, V, seed, bs = len(data), space.num_views, cfg["seed"], t["batch_size"]
@@ -157,6 +162,7 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
         "method": method, "params": params, "mode": "online" if teacher is not None else
         ("offline" if store is not None else "no teacher (ce)"),
         "targets": source.kind, "store": store.path if store else None, "store_fingerprint": fingerprint,
+        "stats_overlay": cfg["cache"]["stats"] if store else None,
         "teacher": store.manifest["teacher"] if store else (cfg["teacher"] if teacher is not None else None),
         "student": t["student"], "epochs": t["epochs"], "seed": seed,
         "last_accuracy": metrics[-1]["test_accuracy"], "best_accuracy": best["test_accuracy"],
@@ -236,7 +242,7 @@ def learning_rate(t: dict, progress: float) -> float:
 def open_store(path, data, views: dict) -> CacheStore:
     """The complete store at `path`, checked to hold targets for `data` (same fingerprint, classes) on the
     config's `views` (which online KD and CE-only runs draw from: all modes of one config see the same views)."""
-    if not Path(path).exists():
+    if not group_exists(path):
         raise UserError(f"no cache store at {path}: build it with `kdcache cache-teacher --config ...` "
                         "(make cache-teacher), or point --cache at an existing store")
     store = CacheStore.open(path)
@@ -249,7 +255,7 @@ def open_store(path, data, views: dict) -> CacheStore:
                         f"fingerprint {m['fingerprint'][:12]}) than the config's ({data.name} {data.split}, "
                         f"N={len(data)}, fingerprint {data.fingerprint()[:12]}): fix `dataset` or use that data "
                         "set's store")
-    K = store.logits.shape[-1]
+    K = store.num_classes
     if K != data.num_classes:
         raise UserError(f"store {path} holds {K}-class teacher logits but the student is built for the data set's "
                         f"{data.num_classes} classes: distil from a teacher of the same label set")
@@ -266,19 +272,26 @@ def open_store(path, data, views: dict) -> CacheStore:
     return store
 
 
-def cached_stats(store: CacheStore, method: str, params: dict) -> dict:
-    """The stage-2 arrays a method reads, by distill_loss's stats names; UserError names the missing call."""
+def cached_stats(store: CacheStore, method: str, params: dict, overlay=None) -> dict:
+    """The stage-2 arrays a method reads, by distill_loss's stats names; UserError names the missing call.
+
+    From the statistics overlay at `overlay` (`kdcache stats STORE --out OVERLAY`, for stores one cannot
+    write) when given, else from the store itself. An overlay of another cache is refused even when the
+    method reads no statistics: the config names it, so it should be the right one.
+    """
+    if overlay is not None:
+        open_overlay(overlay, store.fingerprint(), store.path)
     if method == "mlt":
         std = "unbiased" if params["unbiased_std"] else "population"
-        return {"temperature": read_stat(store, "mlt_temperature", std=std)}
+        return {"temperature": read_stat(store, "mlt_temperature", overlay=overlay, std=std)}
     if method == "wttm":
-        return {"power_sum": read_stat(store, "wttm_power_sum", gamma=params["gamma"])}
+        return {"power_sum": read_stat(store, "wttm_power_sum", overlay=overlay, gamma=params["gamma"])}
     return {}
 
 
 def store_bytes(store: CacheStore) -> int:
-    """Memory the logits and view params take when loaded."""
-    return store.logits.nbytes + store.views.nbytes
+    """Memory the logits (or a top-k store's arrays) and view params take when loaded."""
+    return sum(a.nbytes for a in store.logit_arrays.values()) + store.views.nbytes
 
 
 # ---- per-epoch views and order ------------------------------------------------------------------
@@ -355,11 +368,12 @@ class Source:
 
 
 class MemoryTargets(Source):
-    """Logits and view params loaded from the store once."""
+    """Logits (or a top-k store's arrays, rebuilt per read) and view params loaded from the store once."""
     kind = "memory"
 
     def __init__(self, store: CacheStore, stats: dict):
-        self.logits, self.params = store.logits[...], store.views[...]
+        self.parts, self.params = {n: a[...] for n, a in store.logit_arrays.items()}, store.views[...]
+        self.num_classes = store.num_classes
         self.stats = {k: a[...] for k, a in stats.items()}
         self.stat_names = tuple(stats)
 
@@ -367,7 +381,8 @@ class MemoryTargets(Source):
         return shuffled(n, seed, epoch)
 
     def read(self, rows, views):
-        return {"params": self.params[rows, views], "logits": self.logits[rows, views].astype(np.float32),
+        logits = decode_logits({n: a[rows, views] for n, a in self.parts.items()}, self.num_classes)
+        return {"params": self.params[rows, views], "logits": logits,
                 **{k: a[rows, views] for k, a in self.stats.items()}}
 
 
@@ -381,30 +396,41 @@ class ZarrTargets(Source):
         self.stat_names = tuple(stats)
 
     def blocks(self, n, seed, epoch):
-        return block_shuffled(n, seed, epoch, self.store.logits.chunks[0], self.chunks_per_block)
+        return block_shuffled(n, seed, epoch, self.store.labels.chunks[0], self.chunks_per_block)
 
     def read(self, rows, views):
         """One coordinate selection per array: zarr decodes each chunk the block touches once."""
-        K, P = self.store.logits.shape[2], self.store.views.shape[2]
         r, v = rows[:, None], views[:, None]
-        return {"params": self.store.views.vindex[r, v, np.arange(P)[None, :]],
-                "logits": self.store.logits.vindex[r, v, np.arange(K)[None, :]].astype(np.float32),
+
+        def select(a):  # rows x views of a (N, V, X) or (N, V) array
+            return a.vindex[r, v, np.arange(a.shape[2])[None, :]] if a.ndim == 3 else a.vindex[rows, views]
+
+        parts = {n: select(a) for n, a in self.store.logit_arrays.items()}
+        return {"params": select(self.store.views), "logits": decode_logits(parts, self.store.num_classes),
                 **{k: a[rows, views] for k, a in self.stats.items()}}
 
 
 class LiveViews(Source):
-    """No cache: the view params of the same view space (online KD, CE-only); the teacher runs live."""
+    """No cache: the view params of the same view space (online KD, CE-only); the teacher runs live.
+
+    For fixed-size images the (N, V, P) params are drawn once, as stage 1 did: drawing them is a
+    per-sample RNG and should cost no more here than reading them from a store does.
+    """
     kind = "live"
 
     def __init__(self, space: ViewSpace, data):
         self.space, self.data = space, data
+        fixed = data.image_size is not None
+        self.params = space.sample_params(np.arange(len(data)), data.image_size) if fixed else None
 
     def blocks(self, n, seed, epoch):
         return shuffled(n, seed, epoch)
 
     def read(self, rows, views):
-        sizes = self.data.image_size if self.data.image_size is not None else self.data.image_sizes(rows)
-        return {"params": self.space.sample_params(rows, sizes)[np.arange(len(rows)), views]}
+        if self.params is not None:
+            return {"params": self.params[rows, views]}
+        params = self.space.sample_params(rows, self.data.image_sizes(rows))
+        return {"params": params[np.arange(len(rows)), views]}
 
 
 def batch_images(data, ids: np.ndarray, device):

@@ -3,7 +3,9 @@
 Plain cross-entropy with the same augmentation view space that stage 1 will cache, SGD + cosine
 schedule; saves the checkpoint with its test accuracy, which stage 1 records in the store manifest.
 """
+import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +21,7 @@ from pipeline.views import ViewSpace, apply_views
 
 def train_teacher(cfg: dict, *, progress: bool = True) -> float:
     """Train cfg['teacher']['arch'] on the training split; save it to cfg['teacher']['checkpoint']."""
-    tcfg, dcfg = cfg["teacher"], cfg["dataset"]
+    tcfg, dcfg = check_teacher(cfg["teacher"]), cfg["dataset"]
     torch.manual_seed(cfg["seed"])
     device = select_device(cfg["device"])
     data = load_dataset(dcfg["name"], "train", root=dcfg["root"], subset=dcfg["subset"], **dcfg["options"])
@@ -56,3 +58,29 @@ def train_teacher(cfg: dict, *, progress: bool = True) -> float:
                     meta={"test_accuracy": acc, "dataset": data.describe(), "epochs": tcfg["epochs"],
                           "train_seconds": round(time.time() - start, 1)})
     return acc
+
+
+def check_teacher(t: dict) -> dict:
+    """The stage-0 settings of the `teacher` section, checked before any data is loaded; the checkpoint's
+    folder is created now, so an unwritable path fails before training, not after."""
+    def positive_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for key, ok, must_be in (("epochs", positive_int, "an integer >= 1"),
+                             ("batch_size", positive_int, "an integer >= 1"),
+                             ("lr", lambda v: number(v) and v > 0, "a number > 0"),
+                             ("weight_decay", lambda v: number(v) and v >= 0, "a number >= 0"),
+                             ("checkpoint", lambda v: isinstance(v, str) and v, "a file path")):
+        if not ok(t[key]):
+            raise UserError(f"teacher.{key} must be {must_be}, got {t[key]!r}")
+    path = Path(t["checkpoint"])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write the teacher checkpoint {path}: {e.strerror} ({e.filename})") from None
+    if path.is_dir():
+        raise UserError(f"cannot write the teacher checkpoint {path}: it is a folder; give a file path")
+    return t

@@ -14,7 +14,7 @@ from pipeline.config import DEFAULTS
 from pipeline.errors import UserError
 from pipeline.losses import max_logit_temperature, standardize, teacher_power_sum
 from pipeline.stats import block_statistics, check_settings, number_name, output, plan_outputs
-from pipeline.store import CacheStore
+from pipeline.store import CacheStore, manifest_sha256
 from stages.compute_stats import compute_stats, read_stat
 
 SETTINGS = dict(DEFAULTS["stats"], gammas=[0.1, 0.3, 1.0, 2.5])
@@ -193,7 +193,8 @@ def test_stale_and_interrupted_statistics_are_refused_then_recomputed(tmp_path):
     # stage 1 re-run with another teacher: new logits, new manifest (fingerprint)
     new = rng.normal(0, 1, logits.shape).astype(np.float16)
     store.logits[...] = new
-    store.group.attrs["manifest"] = dict(store.manifest, test="another teacher")
+    manifest = dict(store.manifest, test="another teacher")
+    store.group.attrs.update({"manifest": manifest, "manifest_sha256": manifest_sha256(manifest)})
     with pytest.raises(UserError, match=r"stale .*stats/mlt_temperature_unbiased; compute it with: "
                                         r"kdcache stats .*s.zarr --stat mlt_temperature --std unbiased"):
         read_stat(store, "mlt_temperature", std="unbiased")
