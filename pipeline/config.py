@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, is_int
 
 DEFAULTS = {
     "device": "auto",                 # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
@@ -123,7 +123,7 @@ def load_config(path=None, overrides: dict | None = None) -> dict:
         cfg = merge(cfg, data)
     cfg = merge(cfg, _drop_none(overrides or {}))
     seed = cfg["seed"]
-    if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
+    if not is_int(seed, 0):
         raise UserError(f"seed must be an integer >= 0, got {seed!r}")
     for section, key in (("cache", "store"), ("cache", "stats"), ("teacher", "checkpoint")):
         value = cfg[section].get(key)  # a number or list here would become a folder named after it

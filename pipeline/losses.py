@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, is_int, is_number
 
 # (1 + sqrt(3)) / 2: from the radius of convergence of the second-order Taylor
 # expansion of exp inside the softmax (Matsuyama et al. 2025).
@@ -234,19 +234,15 @@ METHOD_PARAMS = {
 LS_DEFAULTS = {"kd": {"T": 2.0, "w_ce": 0.1, "w_kd": 9.0}}
 
 
-def _number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 # parameter -> (is it valid, what it must be, normalise)
 _RULES = {
-    "T": (lambda v: _number(v) and v > 0, "a number > 0", float),
-    "gamma": (lambda v: _number(v) and v > 0, "a number > 0", float),
-    "alpha": (lambda v: _number(v) and v >= 0, "a number >= 0", float),
-    "beta": (lambda v: _number(v) and v >= 0, "a number >= 0", float),
-    "w_ce": (lambda v: _number(v) and v >= 0, "a number >= 0", float),
-    "w_kd": (lambda v: _number(v) and v >= 0, "a number >= 0", float),
-    "warmup": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0 (epochs)", int),
+    "T": (lambda v: is_number(v) and v > 0, "a number > 0", float),
+    "gamma": (lambda v: is_number(v) and v > 0, "a number > 0", float),
+    "alpha": (lambda v: is_number(v) and v >= 0, "a number >= 0", float),
+    "beta": (lambda v: is_number(v) and v >= 0, "a number >= 0", float),
+    "w_ce": (lambda v: is_number(v) and v >= 0, "a number >= 0", float),
+    "w_kd": (lambda v: is_number(v) and v >= 0, "a number >= 0", float),
+    "warmup": (lambda v: is_int(v, 0), "an integer >= 0 (epochs)", int),
     "standardize": (lambda v: isinstance(v, bool), "true or false", bool),
     "unbiased_std": (lambda v: isinstance(v, bool), "true or false", bool),
     "variant": (lambda v: v in ("teacher", "joint"), "'teacher' or 'joint'", str),

@@ -42,13 +42,12 @@ Every array's attributes record its statistic, parameters and the fingerprint of
 from (see stages/compute_stats.py). Everything is computed in float32 whatever the stored dtype
 (exp overflows in float16); per-class sums accumulate in float64.
 """
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, is_int, is_number
 from pipeline.losses import MLT_CONSTANT
 
 STD_EPS = 1e-7  # the epsilon of Z(z) = (z - mean) / (std + eps), as in pipeline.losses.standardize
@@ -104,7 +103,7 @@ def check_settings(settings: dict) -> dict:
                         f"known: {', '.join(STATISTICS)} (or 'all')")
     t_base = _positive("stats.t_base (T_base)", settings.get("t_base"))
     gammas = settings.get("gammas")
-    gammas = [gammas] if _is_number(gammas) else gammas
+    gammas = [gammas] if is_number(gammas) else gammas
     if not isinstance(gammas, (list, tuple)):
         raise UserError(f"stats.gammas must be a list of numbers > 0, got {gammas!r}")
     gammas = list(dict.fromkeys(_positive("stats.gammas (gamma)", g) for g in gammas))
@@ -114,18 +113,14 @@ def check_settings(settings: dict) -> dict:
     if std not in STD_CONVENTIONS:
         raise UserError(f"stats.std must be one of {', '.join(STD_CONVENTIONS)}, got {std!r}")
     bins = settings.get("ece_bins")
-    if not (isinstance(bins, int) and not isinstance(bins, bool) and bins >= 1):
+    if not is_int(bins, 1):
         raise UserError(f"stats.ece_bins must be an integer >= 1, got {bins!r}")
     return {"statistics": list(dict.fromkeys(stats)), "t_base": t_base, "gammas": gammas,
             "std": std, "ece_bins": bins}
 
 
-def _is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _positive(what, v):
-    if not (_is_number(v) and math.isfinite(v) and v > 0):
+    if not (is_number(v) and v > 0):
         raise UserError(f"{what} must be a finite number > 0, got {v!r}")
     return float(v)
 

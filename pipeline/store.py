@@ -27,7 +27,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, is_int
 from pipeline.losses import topk_compress, topk_logits
 from pipeline.sharing import (check_unlocked, filesystem, group_exists, is_read_only, join,
                               local_path, open_group, protocol, reaching, remove)
@@ -266,7 +266,7 @@ def logit_storage(manifest: dict, num_classes: int) -> int | None:
     if logit_array_names(manifest) != TOPK_ARRAYS:
         return None
     k = manifest["logits"].get("k")
-    if not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k < num_classes):
+    if not (is_int(k, 1) and k < num_classes):
         raise UserError(f"cache.topk must be an integer in 1..{num_classes - 1} (the teacher has {num_classes} "
                         f"classes) or null for the full logits, got {k!r}")
     return k

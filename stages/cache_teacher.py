@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline.data import load_dataset
-from pipeline.errors import UserError
+from pipeline.errors import UserError, is_int
 from pipeline.inference import accuracy, model_logits
 from pipeline.models import load_checkpoint, select_device
 from pipeline.sharing import writer_lock
@@ -79,13 +79,10 @@ def cache_teacher(cfg: dict, *, num_shards: int = 1, shard_index: int = 0, overw
 def check_cache(c: dict) -> dict:
     """The `cache` section's types and ranges, checked before the teacher runs (CacheStore.create checks
     the dtype and the layout again, for callers that skip this)."""
-    def positive_int(v):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
     for key, ok, must_be in (("store", lambda v: isinstance(v, (str, os.PathLike)) and str(v), "a folder path or URL"),
-                             ("batch_size", positive_int, "an integer >= 1"),
-                             ("samples_per_chunk", positive_int, "an integer >= 1"),
-                             ("chunks_per_shard", positive_int, "an integer >= 1"),
+                             ("batch_size", lambda v: is_int(v, 1), "an integer >= 1"),
+                             ("samples_per_chunk", lambda v: is_int(v, 1), "an integer >= 1"),
+                             ("chunks_per_shard", lambda v: is_int(v, 1), "an integer >= 1"),
                              ("amp", lambda v: isinstance(v, bool), "true or false")):
         if not ok(c[key]):
             raise UserError(f"cache.{key} must be {must_be}, got {c[key]!r}")

@@ -32,7 +32,7 @@ import yaml
 from tqdm import tqdm
 
 from pipeline.config import load_config, merge
-from pipeline.errors import UserError
+from pipeline.errors import UserError, is_int
 from pipeline.losses import METHOD_PARAMS, check_params
 
 GRID_KEYS = {"config", "set", "out", "students", "methods", "params", "seeds"}
@@ -88,7 +88,7 @@ def expand_grid(grid: dict) -> list[dict]:
     seeds = grid.get("seeds") or [base["seed"]]
     for key, values, ok, what in (
             ("students", students, lambda v: isinstance(v, str) and v, "model names"),
-            ("seeds", seeds, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "integers >= 0")):
+            ("seeds", seeds, lambda v: is_int(v, 0), "integers >= 0")):
         if not (isinstance(values, list) and all(ok(v) for v in values)):
             raise UserError(f"grid `{key}` must be a non-empty list of {what}, got {values!r}")
     axes = grid.get("params") or {}

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline.data import load_dataset
-from pipeline.errors import UserError
+from pipeline.errors import UserError, is_int, is_number
 from pipeline.inference import accuracy
 from pipeline.losses import check_params, distill_loss
 from pipeline.models import build_model, load_checkpoint, save_checkpoint, select_device
@@ -190,11 +190,10 @@ def check_train(t: dict) -> dict:
             raise UserError(f"train.{key} must be {must_be}, got {t[key]!r}")
 
     def integer(low):
-        return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+        return lambda v: is_int(v, low)
 
     def number(low, high=math.inf, open_low=False):
-        return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                          and (v > low if open_low else v >= low) and v <= high)
+        return lambda v: is_number(v) and (v > low if open_low else v >= low) and v <= high
 
     need("student", lambda v: isinstance(v, str) and v, "a model name (pipeline/models.py)")
     need("method", lambda v: isinstance(v, str), "a method name")

@@ -3,7 +3,6 @@
 Plain cross-entropy with the same augmentation view space that stage 1 will cache, SGD + cosine
 schedule; saves the checkpoint with its test accuracy, which stage 1 records in the store manifest.
 """
-import math
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.data import load_dataset
-from pipeline.errors import UserError
+from pipeline.errors import UserError, is_int, is_number
 from pipeline.inference import accuracy
 from pipeline.models import build_model, save_checkpoint, select_device
 from pipeline.views import ViewSpace, apply_views
@@ -63,16 +62,10 @@ def train_teacher(cfg: dict, *, progress: bool = True) -> float:
 def check_teacher(t: dict) -> dict:
     """The stage-0 settings of the `teacher` section, checked before any data is loaded; the checkpoint's
     folder is created now, so an unwritable path fails before training, not after."""
-    def positive_int(v):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    for key, ok, must_be in (("epochs", positive_int, "an integer >= 1"),
-                             ("batch_size", positive_int, "an integer >= 1"),
-                             ("lr", lambda v: number(v) and v > 0, "a number > 0"),
-                             ("weight_decay", lambda v: number(v) and v >= 0, "a number >= 0"),
+    for key, ok, must_be in (("epochs", lambda v: is_int(v, 1), "an integer >= 1"),
+                             ("batch_size", lambda v: is_int(v, 1), "an integer >= 1"),
+                             ("lr", lambda v: is_number(v) and v > 0, "a number > 0"),
+                             ("weight_decay", lambda v: is_number(v) and v >= 0, "a number >= 0"),
                              ("checkpoint", lambda v: isinstance(v, str) and v, "a file path")):
         if not ok(t[key]):
             raise UserError(f"teacher.{key} must be {must_be}, got {t[key]!r}")

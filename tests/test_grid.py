@@ -14,7 +14,7 @@ import yaml
 from pipeline.errors import UserError
 from pipeline.report import write_report
 from stages.grid import expand_grid, load_grid, run_grid, run_key
-from tests.conftest import REPO, kdcache, write_config
+from tests.conftest import kdcache, write_config
 
 
 

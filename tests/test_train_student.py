@@ -16,7 +16,6 @@ from pipeline.data import load_dataset
 from pipeline.errors import UserError
 from pipeline.store import CacheStore
 from stages.cache_teacher import cache_teacher
-from stages.compute_stats import compute_stats
 from stages.train_student import (MemoryTargets, ZarrTargets, block_shuffled, epoch_views, learning_rate,
                                   open_store, shuffled, train_student)
 from tests.conftest import REPO, kdcache, write_config
