@@ -131,6 +131,8 @@ def verify_store(path, *, spot_check: int = 0, checkpoint=None, seed: int = 0, p
 
     if spot_check and checkpoint is None:
         raise UserError("--spot-check needs --checkpoint: the teacher checkpoint the store was built with")
+    if checkpoint is not None and not spot_check:
+        raise UserError("--checkpoint is only used by --spot-check N: give both, or neither")
     store = CacheStore.open(path)
     where = f"store {store.path}"
     _check_metadata(store.group, where)

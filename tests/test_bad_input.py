@@ -827,6 +827,11 @@ def verify_spot_no_checkpoint(env, tmp):
     return ["verify", env.store, "--spot-check", "4"]
 
 
+@case("verify", "--checkpoint without --spot-check", "only used by --spot-check")
+def verify_checkpoint_no_spot(env, tmp):
+    return ["verify", env.store, "--checkpoint", checkpoint(tmp, "tiny_teacher", 4)]
+
+
 @case("verify", "--spot-check with another teacher's checkpoint", "has sha256")
 def verify_spot_other_teacher(env, tmp):
     return ["verify", env.store, "--spot-check", "4", "--checkpoint", checkpoint(tmp, "tiny_teacher", 4)]
