@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -858,6 +859,8 @@ def run(args, environ=None):
     """Run a command in-process: (exit code, its non-empty output lines, the last `Error:` line, the
     exception's repr if it raised one (a traceback for a user) else None)."""
     result = CliRunner().invoke(cli, [str(a) for a in args], prog_name="kdcache", env=environ)
+    if environ:  # fsspec caches S3 file systems by their arguments, not by the environment they read
+        fsspec.get_filesystem_class("s3").clear_instance_cache()  # (AWS_ENDPOINT_URL): forget this case's
     lines = [line for line in result.output.splitlines() if line.strip()]
     crashed = result.exception is not None and not isinstance(result.exception, SystemExit)
     error = next((line for line in reversed(lines) if line.startswith("Error:")), "")

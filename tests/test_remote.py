@@ -48,6 +48,7 @@ def s3():
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import s3fs
+    s3fs.S3FileSystem.clear_instance_cache()  # file systems made under another AWS_ENDPOINT_URL
     s3fs.S3FileSystem(skip_instance_cache=True).mkdir("team")
     yield env
     for k, v in saved.items():
