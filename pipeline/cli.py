@@ -16,30 +16,46 @@ class Commands(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            raise click.ClickException(str(e)) from None
+            raise last_line(str(e)) from None
         except Exception as e:
-            damage = store_damage(e)
-            if damage is None:
+            message = too_big(e) or store_damage(e)
+            if message is None:
                 raise
-            raise click.ClickException(damage) from None
+            raise last_line(message) from None
+
+
+def too_big(e: Exception) -> str | None:
+    """The one-line meaning of a size no up-front check caught: numpy refuses it before touching memory
+    (MemoryError, or a ValueError for sizes beyond any array such as 2**63 samples)."""
+    if isinstance(e, MemoryError) or isinstance(e, ValueError) and str(e).startswith(TOO_BIG):
+        return (f"the request does not fit in memory ({str(e).strip() or 'MemoryError'}): lower the sizes in the "
+                "config (data set, views, chunks, batches)")
+    return None
+
+
+TOO_BIG = ("Maximum allowed dimension exceeded", "array is too big")
+
+
+def last_line(message: str) -> click.ClickException:
+    """The error line, which must be the last thing printed: asyncio would otherwise log 'Task was destroyed
+    but it is pending!' after it when zarr reads cut short by the error are collected at exit."""
+    import logging
+    logging.getLogger("asyncio").disabled = True
+    return click.ClickException(message)
 
 
 def store_damage(e: Exception) -> str | None:
-    """The one-line meaning of an error zarr or numcodecs raise while reading a damaged store, else None.
+    """The one-line meaning of an error zarr raises on a damaged store outside the store layer's reads, else None.
 
-    Found by damaging stores (tests/test_verify.py): zarr's crc32c codec raises ValueError("Stored and computed
-    checksum do not match ...") for a flipped byte or a truncated chunk or shard (its index then fails too);
-    an edited zarr.json that is no longer JSON raises json.JSONDecodeError; blosc raises RuntimeError on
-    undecodable bytes in an array without checksums (stats/).
+    The store layer raises StoreDamage (a UserError, printed as it is) for damaged bytes, metadata and values,
+    naming the store, the array and the rows (pipeline/store.py: `reading`, `reading_metadata`, `check_rows`).
+    What is left is recognised by type, never by zarr's message text: a zarr.json that is not JSON, parsed where
+    no store-layer read is involved (listing a group's members, say).
     """
     import json
-    hint = "; run `kdcache verify STORE` to name the damaged object"
-    if isinstance(e, ValueError) and "checksum do not match" in str(e):
-        return "a chunk of the cache store fails its crc32c checksum: the store is corrupted or truncated" + hint
     if isinstance(e, json.JSONDecodeError):
-        return f"a zarr.json of the cache store is not valid JSON ({e}): the store's metadata is damaged" + hint
-    if isinstance(e, RuntimeError) and "blosc" in str(e).lower():
-        return f"a chunk of the cache store cannot be decompressed ({e}): the store is corrupted" + hint
+        return (f"a zarr.json of the cache store is not valid JSON ({e}): the store's metadata is damaged; "
+                "run `kdcache verify STORE` to name the damaged object")
     return None
 
 
@@ -161,11 +177,16 @@ def stats_cmd(store, config_path, statistics, t_base, gammas, std, ece_bins, sch
 @click.option("--stats", "overlay", help="Statistics overlay written by `kdcache stats STORE --out OVERLAY` "
                                          "(overrides cache.stats; default: the store's own statistics).")
 @click.option("--online", is_flag=True, default=None,
-              help="Run the teacher live on the same views instead of reading the cache (sets train.online).")
+              help="Run the teacher live instead of reading the cache (sets train.online).")
+@click.option("--augment", type=click.Choice(["cached", "fresh"]),
+              help="cached: one of the cached views per sample and epoch; fresh: a new view every step, as "
+                   "ordinary training (CE and --online only) (sets train.augment).")
+@click.option("--views-used", type=click.IntRange(min=1),
+              help="Use a fixed subset of K of the cached views per sample (sets train.views_used).")
 @click.option("--out", help="Run folder (overrides train.out); an existing run there is resumed.")
 @click.option("--seed", type=click.IntRange(min=0), help="Seed of the student's init, views and order (overrides seed).")
 @click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (overrides train.epochs).")
-def train_cmd(config_path, device, store, overlay, online, out, seed, epochs):
+def train_cmd(config_path, device, store, overlay, online, augment, views_used, out, seed, epochs):
     """Stage 3: train the config's student with its distillation method against the cached targets.
 
     Writes metrics.jsonl (per epoch), checkpoint.pt, student.pt and result.json into the run folder;
@@ -173,7 +194,8 @@ def train_cmd(config_path, device, store, overlay, online, out, seed, epochs):
     """
     from stages.train_student import train_student
     cfg = load_config(config_path, {"device": device, "seed": seed, "cache": {"store": store, "stats": overlay},
-                                    "train": {"online": online, "out": out, "epochs": epochs}})
+                                    "train": {"online": online, "augment": augment, "views_used": views_used,
+                                              "out": out, "epochs": epochs}})
     r = train_student(cfg)
     click.echo(f"{r['method']} ({r['mode']}, {r['student']}): last test accuracy {r['last_accuracy']:.4f}, "
                f"best {r['best_accuracy']:.4f} (epoch {r['best_epoch']}); {cfg['train']['out']}/result.json")

@@ -60,7 +60,11 @@ DEFAULTS = {
         "student": "fmnist_cnn",      # zoo name (pipeline/models.py) or tv:<torchvision name>
         "method": "kd",               # ce | kd | ttm | wttm | dkd | mlt (formulas: pipeline/losses.py)
         "params": {},                 # the method's hyper-parameters (losses.METHOD_PARAMS); missing = defaults
-        "online": False,              # true: run the teacher live on the same views instead of reading the cache
+        "online": False,              # true: run the teacher live instead of reading the cache
+        "augment": "cached",          # cached: one of the V cached views per sample and epoch | fresh: a new
+                                      # view from the whole view space every step (CE-only, online KD)
+        "views_used": None,           # K: use a fixed subset of K of the V cached views per sample; None: all
+        "validation": None,           # M: evaluate on the last M training images instead of the test split
         "epochs": 10,
         "batch_size": 128,
         "optimizer": "sgd",           # sgd (momentum, weight decay) | adamw
@@ -108,16 +112,8 @@ def load_config(path=None, overrides: dict | None = None) -> dict:
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise UserError(f"cannot read config {path}: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise UserError(f"config {path} is not a text (UTF-8) YAML file") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        data = read_yaml(path, "config")
+        data = {} if data is None else data  # an empty file: the defaults
         if not isinstance(data, dict):
             raise UserError(f"config {path} must be a YAML mapping at the top level")
         cfg = merge(cfg, data)
@@ -125,11 +121,61 @@ def load_config(path=None, overrides: dict | None = None) -> dict:
     seed = cfg["seed"]
     if not is_int(seed, 0):
         raise UserError(f"seed must be an integer >= 0, got {seed!r}")
+    if seed > MAX_SEED:  # torch.manual_seed takes 64 bits; the run's own seed mixing wants 32
+        raise UserError(f"seed must be at most {MAX_SEED}, got {seed}")
     for section, key in (("cache", "store"), ("cache", "stats"), ("teacher", "checkpoint")):
         value = cfg[section].get(key)  # a number or list here would become a folder named after it
         if not (isinstance(value, (str, os.PathLike)) and str(value) or value is None and key == "stats"):
             raise UserError(f"{section}.{key} must be a path or URL, got {value!r}")
     return cfg
+
+
+MAX_SEED = 2**32 - 1
+
+
+def check_memory(nbytes: int, what: str) -> None:
+    """UserError when `what` needs more than half the memory available now: refused up front instead of
+    failing (or swapping) part-way."""
+    available = _available_memory()
+    if nbytes > available / 2:
+        raise UserError(f"{what} needs {nbytes / 2**30:.3g} GiB of memory, more than half of the "
+                        f"{available / 2**30:.3g} GiB available: lower it")
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+MAX_YAML_BYTES = 2**20  # configs and grid files are a few kB; /dev/zero or a data file is a mistake
+
+
+def read_yaml(path: Path, what: str):
+    """The YAML document of the text file `path` (yaml.safe_load); UserError for anything that is not a
+    readable regular UTF-8 text file of at most MAX_YAML_BYTES, or not valid YAML."""
+    try:
+        if not path.is_file():
+            raise UserError(f"{what} {path} is not a regular file" if path.exists() else
+                            f"cannot read {what} {path}: No such file or directory")
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise UserError(f"{what} {path} is not a YAML text file ({path.stat().st_size} bytes; at most "
+                            f"{MAX_YAML_BYTES} expected)")
+        text = path.read_text()
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not a text (UTF-8) YAML file") from None
+    if "\x00" in text:
+        raise UserError(f"{what} {path} is not a text (UTF-8) YAML file (it holds NUL bytes)")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise UserError(f"{what} {path} is nested too deeply to be a config") from None
 
 
 def _drop_none(d: dict) -> dict:

@@ -170,6 +170,19 @@ def load_dataset(name: str, split: str, *, root=None, subset: int | None = None,
     return ds
 
 
+def holdout(full: ImageDataset, m: int, used: int) -> ImageDataset:
+    """The last m samples of a training split, for validation: refused when the first `used` (the training
+    subset) reach into them."""
+    if m >= len(full) or used > len(full) - m:
+        raise UserError(f"train.validation {m} holds out training images {len(full) - m}..{len(full) - 1}, but "
+                        f"training uses images 0..{used - 1}: set dataset.subset to at most {len(full) - m}")
+    keep = np.arange(len(full) - m, len(full))
+    return ImageDataset(full.name, "validation", full.num_classes, full.mean, full.std, full.labels[keep],
+                        pixels=None if full._pixels is None else full._pixels[keep],
+                        files=None if full._files is None else [full._files[i] for i in keep],
+                        channels=full.channels, root=full.root, options=full.options)
+
+
 # -------------------------------------------------------------------- fashion-mnist
 def _fashion_mnist(split: str, root) -> ImageDataset:
     folder = Path(root) if root is not None else FASHION_MNIST_ROOT

@@ -1,5 +1,5 @@
-"""The one exception for user mistakes (the CLI prints its message on one line and exits 1), and the
-two value checks every config check uses."""
+"""The exception for user mistakes (the CLI prints its message on one line and exits 1), its kind for damaged
+stores, and the two value checks every config check uses."""
 import math
 
 
@@ -15,3 +15,9 @@ def is_int(v, low: float = -math.inf) -> bool:
 def is_number(v) -> bool:
     """A finite int or float, not a bool."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class StoreDamage(UserError):
+    """A damaged store met while reading it (bytes that fail their checksums, edited metadata, values that cannot
+    be right). Raised by the store layer whatever zarr raised, so callers and the CLI need not recognise zarr's
+    errors; the message names the store, the array and the rows, and points to `kdcache verify`."""

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.errors import UserError
+from pipeline.files import torch_bytes, write_atomic
 
 CHECKPOINT_FORMAT = "kdcache-checkpoint-1"
 TORCHVISION_PREFIX = "tv:"
@@ -316,17 +315,7 @@ def save_checkpoint(
     if image_size is not None:
         payload["image_size"] = int(image_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, torch_bytes(payload))
 
 
 def load_checkpoint(

@@ -163,8 +163,48 @@ def open_group(location, mode: str = "r", *, what: str = "zarr store") -> zarr.G
             raise UserError(f"cannot open {what} {location}: {_first_line(e)}") from None
 
 
+def enclosing_store(location, *, itself: bool = False) -> str | None:
+    """The Zarr group (a folder holding zarr.json) that `location` lies inside, or is with `itself`; None
+    when there is none. Anything written there would be a stray in that store: `info` lists it and
+    `verify` passes the store anyway."""
+    local = local_path(location)
+    if local is not None:
+        folder = local.absolute()
+        folders = [folder, *folder.parents] if itself else list(folder.parents)
+        return next((str(f) for f in folders if (f / "zarr.json").is_file()), None)
+    fs, root = filesystem(location)
+    parts = root.split("/")
+    with reaching(location):
+        for i in range(len(parts) if itself else len(parts) - 1, 0, -1):
+            if fs.exists(join("/".join(parts[:i]), "zarr.json")):
+                return f"{protocol(location)}://{'/'.join(parts[:i])}"
+    return None
+
+
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "result.json")  # what stage 3 writes into a run folder
+
+
+def check_output(location, what: str) -> None:
+    """Refuse to create or write a store where it would not persist (memory://), inside another Zarr
+    store, or inside a stage-3 run folder (whose files a store would mix with)."""
+    if protocol(location) == "memory":
+        raise UserError(f"cannot write {what} {location}: memory:// lives only inside this process and vanishes "
+                        "when it exits; write to a local path or an object store (s3://, gs://)")
+    if is_read_only(location):
+        return  # refused by the writer itself, with its own words
+    store = enclosing_store(location)
+    if store is not None:
+        raise UserError(f"cannot write {what} {location}: it would be inside the Zarr store {store}, whose "
+                        "contents kdcache does not check; choose a path outside any store")
+    local = local_path(location)
+    run = local and next((f for f in local.absolute().parents if any((f / n).is_file() for n in RUN_FILES)), None)
+    if run:
+        raise UserError(f"cannot write {what} {location}: it would be inside the stage-3 run folder {run}; "
+                        "choose a path outside run folders")
+
+
 def remove(location) -> None:
-    """Delete the store at `location` and everything in it."""
+    """Delete the store at `location` and everything in it (callers check that kdcache made it)."""
     fs, root = filesystem(location)
     with reaching(location):
         if fs.exists(root):
@@ -319,6 +359,8 @@ def open_overlay(location, fingerprint: str, cache, *, create: bool = False) -> 
     group holding a `stats/` group laid out like a store's own, for caches its users cannot (or should
     not) write. With `create`, a missing overlay is created. UserError for an overlay of another cache.
     """
+    if create:
+        check_output(location, "statistics overlay")
     if not group_exists(location):
         if not create:
             raise UserError(f"no statistics overlay at {location}: create it with `kdcache stats {cache} "

@@ -1,7 +1,7 @@
 """Stage 2 statistics of cached teacher logits: settings, output names, and the per-block kernels.
 
 Everything here is a pure function of numpy blocks; stages/compute_stats.py runs it with Dask over a
-store and writes the results into the store's `stats/` group. Formulas: METHODS.md.
+store and writes the results into the store's `stats/` group. Formulas: docs/METHODS.md.
 
 The max-logit temperature and the WTTM power sum have their reference implementation in
 pipeline.losses (`max_logit_temperature`, `teacher_power_sum`: what stage 3 trains with). The kernel

@@ -8,32 +8,41 @@
     views       (N, V, P) int32             view parameters that re-create the teacher's input
     labels      (N,)      int32
     shard_done  (S,)      uint8             completion record, one element (and one file) per shard
+    chunk_crc32c (C, A)   uint32            per inner chunk of rows and per-sample array, a digest of the rows
+                                            written there (format 1.1; one file per shard)
 
 All per-sample arrays share one sharding along N, so a shard of work is one shard file per array and
 is only ever written by one process. Group attributes hold the format, the status and the manifest;
 everything is JSON and codecs from the Zarr v3 spec (blosc, crc32c, sharding) - no pickles.
 """
+import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from pathlib import Path
 
+import google_crc32c  # zarr's own crc32c implementation (a dependency of zarr)
 import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from pipeline.errors import UserError, is_int
+from pipeline.errors import StoreDamage, UserError, is_int
 from pipeline.losses import topk_compress, topk_logits
-from pipeline.sharing import (check_unlocked, filesystem, group_exists, is_read_only, join,
+from pipeline.sharing import (check_output, check_unlocked, filesystem, group_exists, is_read_only, join,
                               local_path, open_group, protocol, reaching, remove)
 
 FORMAT = "kdcache-logit-cache"
 FORMAT_VERSION = 1
+FORMAT_MINOR_VERSION = 1  # 1.1: chunk_crc32c digests; manifest_sha256 required
+DIGESTS = "chunk_crc32c"
 DTYPES = ("float16", "float32")
 
 
@@ -50,20 +59,32 @@ class CacheStore:
             raise UserError(f"store {path} has format version {version}, newer than this kdcache reads "
                             f"({FORMAT_VERSION}): upgrade kdcache to read it")
         if type(version) is not int or version != FORMAT_VERSION:
-            raise UserError(f"store {path} has an unknown format version {version!r} (expected the integer "
+            raise StoreDamage(f"store {path} has an unknown format version {version!r} (expected the integer "
                             f"{FORMAT_VERSION}): its zarr.json is damaged or was not written by kdcache")
         if not isinstance(attrs.get("manifest"), dict) or attrs.get("status") not in ("incomplete", "complete"):
-            raise UserError(f"store {path}: its zarr.json lacks a valid manifest or status: the store is damaged")
+            raise StoreDamage(f"store {path}: its zarr.json lacks a valid manifest or status: the store is damaged")
+        self.minor_version = attrs.get("format_minor_version", 0)  # stores written before 1.1 have none
+        if not is_int(self.minor_version, 0):
+            raise StoreDamage(f"store {path}: its format_minor_version {self.minor_version!r} is not an integer >= 0: "
+                              "its zarr.json is damaged")
         recorded = attrs.get("manifest_sha256")  # stores written before it was recorded have none
+        if recorded is None and self.minor_version >= 1:
+            raise StoreDamage(f"store {path}: its zarr.json lacks manifest_sha256, which every store of format "
+                              f"{FORMAT_VERSION}.{self.minor_version} records: it was removed, so an edited manifest "
+                              "would pass unseen; restore zarr.json or rebuild the store")
         if recorded is not None and recorded != manifest_sha256(attrs["manifest"]):
-            raise UserError(f"store {path}: the manifest in its zarr.json was edited after creation (sha256 differs "
+            raise StoreDamage(f"store {path}: the manifest in its zarr.json was edited after creation (sha256 differs "
                             "from manifest_sha256), so it no longer says what the logits came from; restore "
                             "zarr.json or rebuild the store")
         self.views, self.labels, self.shard_done = (self.array(n) for n in ("views", "labels", "shard_done"))
         # The arrays that hold the logits: {"logits"} or the top-k three; read them with `decode_logits`.
         self.logit_arrays = {n: self.array(n) for n in logit_array_names(attrs["manifest"])}
         self.logits = self.logit_arrays.get("logits")  # None in a top-k store
+        self.per_sample = {**self.logit_arrays, "views": self.views, "labels": self.labels}
+        # Format 1.1: a crc32c of every inner chunk of rows of each per-sample array, recorded as it is written.
+        self.digests = self.array(DIGESTS) if self.minor_version >= 1 else None
         self.samples_per_shard = self.labels.shards[0]
+        self._check_dtypes()
         if self.status == "complete":
             for a in (*self.logit_arrays.values(), self.views, self.labels, self.shard_done):
                 _check_objects_present(a, path)
@@ -74,14 +95,29 @@ class CacheStore:
         try:
             a = self.group[name]
         except KeyError:
-            raise UserError(f"store {self.path} has no '{name}' array (no {name}/zarr.json): it is damaged or not "
+            raise StoreDamage(f"store {self.path} has no '{name}' array (no {name}/zarr.json): it is damaged or not "
                             "a kdcache store; run `kdcache verify` on it") from None
         except (ValueError, TypeError) as e:  # zarr's metadata parsing: JSONDecodeError, bad fields
-            raise UserError(f"store {self.path}: the metadata of '{name}' ({name}/zarr.json) is unreadable ({e}): "
+            raise StoreDamage(f"store {self.path}: the metadata of '{name}' ({name}/zarr.json) is unreadable ({e}): "
                             "the store is damaged") from None
         if not isinstance(a, zarr.Array):
-            raise UserError(f"store {self.path}: '{name}' is a group, not an array: the store is damaged")
+            raise StoreDamage(f"store {self.path}: '{name}' is a group, not an array: the store is damaged")
         return a.with_config({"write_empty_chunks": True})
+
+    def _check_dtypes(self) -> None:
+        """Every array has the format's data type: zarr would misread every chunk of one whose `data_type` was
+        edited in its zarr.json (a reshape error deep in a read, or silently other numbers of the same size)."""
+        logits = self.manifest.get("logits")
+        dtype = logits.get("dtype", "/".join(DTYPES)) if isinstance(logits, dict) else "/".join(DTYPES)
+        expected = {"logits": dtype, "topk_values": dtype, "rest_logmass": "float32", "views": "int32",
+                    "labels": "int32", "shard_done": "uint8", DIGESTS: "uint32"}
+        if self.logits is None:
+            expected["topk_indices"] = topk_index_dtype(self.num_classes)
+        for name, a in {**self.per_sample, "shard_done": self.shard_done, DIGESTS: self.digests}.items():
+            if a is not None and str(a.dtype) not in expected[name].split("/"):
+                raise StoreDamage(f"store {self.path}: {name}/zarr.json says data type {a.dtype}, but the format "
+                                  f"(and the manifest) says {expected[name]}: its metadata was edited, every chunk "
+                                  "would be misread; restore it or rebuild the store")
 
     # ---- opening and creating -------------------------------------------------------------------
     @classmethod
@@ -139,9 +175,9 @@ class CacheStore:
         if is_read_only(path):
             raise UserError(f"cannot write cache store {path}: {protocol(path)} URLs are read-only; "
                             "write to a local path or an object store (s3://, gs://)")
-        if overwrite and group_exists(path):  # never delete a folder that holds no Zarr group (user files)
-            check_unlocked(path)
-            remove(path)
+        check_output(path, "cache store")
+        if overwrite and group_exists(path):
+            _replace(path)
         if not group_exists(path):
             return cls.create(path, manifest, **layout)
         store = cls.open(path, mode="r+")
@@ -198,6 +234,48 @@ class CacheStore:
         """Boolean (S,): which shards are complete."""
         return self.shard_done[:].astype(bool)
 
+    @property
+    def samples_per_chunk(self) -> int:
+        return self.labels.chunks[0]
+
+    def recorded_digests(self) -> dict[str, np.ndarray] | None:
+        """{array name: (C,) uint32 crc32c per inner chunk of rows} as written (`rows_crc32c`); None for a store
+        written before format 1.1, which has none. Small (4 bytes per chunk and array): read whole."""
+        if self.digests is None:
+            return None
+        with reading(self.path, self.digests, slice(0, self.digests.shape[0])):
+            table = self.digests[...]
+        names = self.digests.attrs.get("arrays")
+        if not isinstance(names, list) or len(names) != table.shape[1]:
+            raise StoreDamage(f"store {self.path}: {DIGESTS} has no valid 'arrays' attribute: its zarr.json is damaged")
+        return {name: table[:, j] for j, name in enumerate(names)}
+
+    def read_rows(self, name: str, rows: slice, digests: dict | None) -> np.ndarray:
+        """Rows `rows` (whole chunks) of per-sample array `name`, checked as they are read (`check_rows`) against
+        `digests` (`recorded_digests`, None for a store without them): StoreDamage names any damage."""
+        a = self.per_sample[name]
+        with reading(self.path, a, rows):
+            values = a[rows]
+        c = self.samples_per_chunk
+        check_rows(self.path, name, values, rows.start, self.num_classes, c,
+                   None if digests is None else digests[name][chunks_of(rows, c)])
+        return values
+
+    def read_views(self, name: str, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
+        """View views[i] of sample rows[i] of per-sample array `name`, for every i: one coordinate selection (zarr
+        decodes each chunk it touches once), checked to be finite and in range (not against the digests: those
+        cover whole chunks, which a selection does not hold)."""
+        a = self.per_sample[name]
+        with reading(self.path, a, rows):
+            if a.ndim == 2:
+                values = a.vindex[rows, views]
+            else:
+                values = a.vindex[rows[:, None], views[:, None], np.arange(a.shape[2])[None, :]]
+        problem = bad_values(name, values, self.num_classes, rows, views)
+        if problem is not None:
+            raise StoreDamage(f"store {self.path}: {problem}: the store is damaged; run `kdcache verify {self.path}`")
+        return values
+
     # ---- writing ----------------------------------------------------------------------------------
     def write_shard(self, shard: int, logits: np.ndarray | dict, views: np.ndarray, labels: np.ndarray) -> None:
         """Write one whole shard, then record it done: a crash before the record means it is redone.
@@ -209,10 +287,14 @@ class CacheStore:
         parts = logits if isinstance(logits, dict) else {"logits": logits}
         if parts.keys() != self.logit_arrays.keys():
             raise ValueError(f"write_shard got {sorted(parts)}, the store holds {sorted(self.logit_arrays)}")
-        for name, values in parts.items():
-            self.logit_arrays[name][rows] = values
-        self.views[rows] = views
-        self.labels[rows] = labels
+        written = {**parts, "views": views, "labels": labels}
+        for name, values in written.items():
+            self.per_sample[name][rows] = values
+        if self.digests is not None:  # after the data, before the record: a crash in between redoes the shard
+            c = self.samples_per_chunk
+            self.digests[rows.start // c:-(-rows.stop // c)] = np.stack(
+                [chunk_crc32c(np.asarray(written[n], dtype=self.per_sample[n].dtype), rows.start, c)
+                 for n in self.digests.attrs["arrays"]], axis=1)
         self.shard_done[shard] = 1
 
     def mark_complete_if_done(self) -> bool:
@@ -224,10 +306,27 @@ class CacheStore:
         return False
 
 
+def _replace(path) -> None:
+    """--overwrite: delete the kdcache store at `path`, saying what goes; any other Zarr group there (a user's
+    own arrays, a statistics overlay) is refused and left untouched."""
+    attrs = open_group(path, "r", what="cache store").attrs.asdict()
+    if attrs.get("format") != FORMAT:
+        raise UserError(f"--overwrite refused: {path} holds a Zarr group that is not a kdcache cache store (format "
+                        f"{attrs.get('format')!r}, not '{FORMAT}'); nothing was deleted: choose another --out")
+    check_unlocked(path)
+    manifest = attrs.get("manifest") if isinstance(attrs.get("manifest"), dict) else {}
+    teacher, data = manifest.get("teacher") or {}, manifest.get("dataset") or {}
+    print(f"--overwrite: deleting the cache store {path} (status {attrs.get('status')}; teacher "
+          f"{teacher.get('arch') if isinstance(teacher, dict) else '?'}, data set "
+          f"{data.get('name') if isinstance(data, dict) else '?'}) and everything in it", file=sys.stderr, flush=True)
+    remove(path)
+
+
 def _build(path, manifest, n, v, k, p, dtype, chunk, shard):
     topk = logit_storage(manifest, k)  # checked before anything is written
     group = zarr.open_group(str(path), mode="w-", zarr_format=3)
-    group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "status": "incomplete",
+    group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION,
+                        "format_minor_version": FORMAT_MINOR_VERSION, "status": "incomplete",
                         "manifest": manifest, "manifest_sha256": manifest_sha256(manifest)})
 
     def per_sample(name, shape, dtype, itemsize, dims, attributes=None):
@@ -250,6 +349,10 @@ def _build(path, manifest, n, v, k, p, dtype, chunk, shard):
     num_shards = -(-n // shard)
     group.create_array("shard_done", shape=(num_shards,), dtype="uint8", chunks=(1,), fill_value=0,
                        compressors=[Crc32cCodec()], dimension_names=("shard",))
+    names = [*logit_array_names(manifest), "views", "labels"]
+    group.create_array(DIGESTS, shape=(-(-n // chunk), len(names)), dtype="uint32", chunks=(shard // chunk, len(names)),
+                       fill_value=0, compressors=[Crc32cCodec()], dimension_names=("chunk", "array"),
+                       attributes={"arrays": names})
 
 
 TOPK_ARRAYS = ("topk_values", "topk_indices", "rest_logmass")
@@ -304,6 +407,135 @@ def decode_logits(parts: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
     return logits.numpy()
 
 
+# ---- checks of what a reader reads (cheap: on rows already in memory) ------------------------------
+
+def rows_crc32c(values: np.ndarray, start: int) -> int:
+    """crc32c of rows start.. of an array: their first and end row (two little-endian int64), then their values
+    (C order, little endian). The row range is in it, so rows moved elsewhere (a swapped shard file) differ."""
+    rows = np.array([start, start + len(values)], dtype="<i8")
+    data = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
+    return google_crc32c.extend(google_crc32c.value(rows.tobytes()), data.view(np.uint8).reshape(-1))
+
+
+def chunk_crc32c(values: np.ndarray, start: int, chunk: int) -> np.ndarray:
+    """(C,) uint32: `rows_crc32c` of each inner chunk of `chunk` rows of `values` (rows start.., start a chunk's first)."""
+    return np.array([rows_crc32c(values[i:i + chunk], start + i) for i in range(0, len(values), chunk)], np.uint32)
+
+
+def bad_values(name: str, values: np.ndarray, num_classes: int, samples: np.ndarray,
+               views: np.ndarray | None = None) -> str | None:
+    """Where rows of array `name` hold what cannot be right (NaN/Inf, a class outside 0..K-1), else None.
+
+    values[i] is sample samples[i]; with `views`, of view views[i] (a reader's selection), else axis 1 is the view.
+    """
+    if values.dtype.kind == "f":
+        bad, what = ~np.isfinite(values), "NaN/Inf"
+    elif name in ("labels", "topk_indices"):
+        bad, what = (values < 0) | (values >= num_classes), f"a class outside 0..{num_classes - 1}"
+    else:
+        return None
+    if not bad.any():
+        return None
+    first = np.argwhere(bad)[0]
+    at = f"sample {samples[first[0]]}"
+    if views is not None:
+        at, first = f"{at}, view {views[first[0]]}", first[:1]
+    elif values.ndim > 1:
+        at, first = f"{at}, view {first[1]}", first[:2]
+    return f"{name} at {at} holds {what}: {np.asarray(values[tuple(first)]).tolist()}"
+
+
+def chunks_of(rows: slice, chunk: int) -> slice:
+    """The inner chunks (rows of `chunk_crc32c`) that hold `rows`."""
+    return slice(rows.start // chunk, -(-rows.stop // chunk))
+
+
+def bad_digest(name: str, values: np.ndarray, start: int, chunk: int, recorded: np.ndarray) -> str | None:
+    """Which chunk of rows start.. of `name` is not the one written there: `chunk_crc32c` against `recorded`, the
+    digests of those chunks (`chunks_of`)."""
+    wrong = np.flatnonzero(chunk_crc32c(values, start, chunk) != recorded)
+    if not len(wrong):
+        return None
+    lo = start + int(wrong[0]) * chunk
+    return (f"{name} samples {lo}..{min(lo + chunk, start + len(values)) - 1} are not the rows written there (their "
+            f"crc32c differs from the one {DIGESTS} recorded): a shard file was moved, swapped or overwritten")
+
+
+def check_rows(path, name: str, values: np.ndarray, start: int, num_classes: int, chunk: int,
+               recorded: np.ndarray | None) -> None:
+    """StoreDamage unless rows start.. of array `name`, as a reader holds them, are finite, in range and (when
+    `recorded`, the digests of their chunks, is given) the very rows written there."""
+    problem = bad_values(name, values, num_classes, np.arange(start, start + len(values)))
+    if problem is None and recorded is not None:
+        problem = bad_digest(name, values, start, chunk, recorded)
+    if problem is not None:
+        raise StoreDamage(f"store {path}: {problem}: the store is damaged; run `kdcache verify {path}`")
+
+
+@contextlib.contextmanager
+def reading(path, a: zarr.Array, rows):
+    """Wrap a read of `rows` (a slice or sample ids) of `a`: what zarr or a codec raises on damaged bytes becomes
+    StoreDamage naming the store, the array and the rows, and whether a crc32c fails (read back on failure only)."""
+    try:
+        yield
+    except (ValueError, RuntimeError, TypeError) as e:  # a checksum, a decompressor, a reshape: undecodable bytes
+        ids = np.arange(rows.start, rows.stop) if isinstance(rows, slice) else np.asarray(rows)
+        step = (a.shards or a.chunks)[0]
+        failing = next((i for i in np.unique(ids // step) if not _crcs_ok(a, int(i))), None)
+        if failing is None:
+            what = f"samples {ids.min()}..{ids.max()} cannot be decoded ({type(e).__name__}: {e})"
+        else:
+            key = _object_key(a, int(failing))
+            what = (f"samples {failing * step}..{min((failing + 1) * step, a.shape[0]) - 1} (key {key}): a chunk of "
+                    "the cache store fails its crc32c checksum: the store is corrupted or truncated")
+        raise StoreDamage(f"store {path}: {a.path} {what}; run `kdcache verify {path}` to name the damaged "
+                          "object") from None
+
+
+@contextlib.contextmanager
+def reading_metadata(path, name: str):
+    """Wrap the first use of node `name` (zarr parses its zarr.json then): a document that is not JSON, or not
+    valid metadata, becomes StoreDamage naming it."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:  # json.JSONDecodeError, zarr's metadata parsing
+        what = "is not valid JSON" if isinstance(e, json.JSONDecodeError) else "is not valid metadata"
+        raise StoreDamage(f"store {path}: {name}/zarr.json: a zarr.json of the cache store {what} ({e}): the "
+                          f"store's metadata is damaged; run `kdcache verify {path}` to name the damaged object") from None
+
+
+def _object_key(a: zarr.Array, i: int) -> str:
+    return f"{a.path}/{a.metadata.encode_chunk_key((i,) + (0,) * (a.ndim - 1))}"
+
+
+def _crcs_ok(a: zarr.Array, i: int) -> bool:
+    """False when object `i` along the sample axis (a shard, or a chunk) fails a crc32c: its shard index's or a
+    chunk's (docs/FORMAT.md, "Shard objects"). `kdcache verify` names the chunk; this only tells which object."""
+    buf = sync(a.store.get(_object_key(a, i), prototype=default_buffer_prototype()))
+    if buf is None:
+        return True
+    data, codecs = buf.to_bytes(), a.metadata.to_dict()["codecs"]
+    crc = lambda cs: [c["name"] for c in cs][-1:] == ["crc32c"]  # noqa: E731
+    if codecs[0]["name"] != "sharding_indexed":
+        return not crc(codecs) or crc_ok(data)
+    cfg = codecs[0]["configuration"]
+    n = math.prod(s // c for s, c in zip(a.shards, cfg["chunk_shape"]))
+    index = data[-(16 * n + 4):]
+    if len(data) < 16 * n + 4 or (crc(cfg["index_codecs"]) and not crc_ok(index)):
+        return False
+    table = np.frombuffer(index[:16 * n], dtype="<u8").reshape(n, 2).tolist()
+    return all(off == EMPTY or (off + nbytes <= len(data) and (not crc(cfg["codecs"]) or crc_ok(data[off:off + nbytes])))
+               for off, nbytes in table)
+
+
+EMPTY = 2**64 - 1  # a shard index entry (offset, nbytes) of an absent chunk holds this twice
+
+
+def crc_ok(data: bytes) -> bool:
+    """The crc32c codec appends the little-endian crc32c of what precedes it."""
+    return len(data) >= 4 and google_crc32c.value(data[:-4]).to_bytes(4, "little") == data[-4:]
+
+
 def manifest_sha256(manifest: dict) -> str:
     """sha256 of the whole manifest as sorted-key JSON: recorded at creation, so an edited manifest is detected."""
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
@@ -327,10 +559,10 @@ def _check_objects_present(a: zarr.Array, path: str) -> None:
         key = f"{a.path}/{a.metadata.encode_chunk_key((i,) + (0,) * (a.ndim - 1))}"
         rows = f"samples {i * step}..{min((i + 1) * step, a.shape[0]) - 1}" if a.shards else f"shard {i}"
         if key not in listed:
-            raise UserError(f"store {path}: {key} ({rows}) is missing: lost data, it would read as zeros; "
+            raise StoreDamage(f"store {path}: {key} ({rows}) is missing: lost data, it would read as zeros; "
                             "run `kdcache verify` on the store")
         if local and (Path(a.store.root) / key).stat().st_size == 0:
-            raise UserError(f"store {path}: {key} ({rows}) is empty (0 bytes, truncated): lost data; "
+            raise StoreDamage(f"store {path}: {key} ({rows}) is empty (0 bytes, truncated): lost data; "
                             "run `kdcache verify` on the store")
 
 

@@ -9,7 +9,9 @@ shard index, silently as the fill value:
   its own crc32c. Chunks missing from a shard recorded done are lost data: kdcache writes every chunk of
   a shard, even one equal to the fill value (CacheStore.array).
 - then it decodes each object through zarr and checks the values: finite logits, labels in 0..K-1, view
-  parameters inside the view space.
+  parameters inside the view space, finite per-row statistics; and each chunk of rows against the crc32c
+  recorded for it when it was written (format 1.1: `chunk_crc32c`), so a shard file moved to other rows,
+  whose own checksums are intact, is caught.
 
 It streams shard by shard and stops at the first problem, raising CorruptStore with a message naming
 the array, shard or chunk, sample rows and storage key.
@@ -18,20 +20,18 @@ import itertools
 import json
 import math
 
-import google_crc32c  # zarr's own crc32c implementation (a dependency of zarr)
 import numpy as np
 import zarr
 from tqdm import tqdm
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from pipeline.errors import UserError
-from pipeline.store import FORMAT, CacheStore, topk_index_dtype
+from pipeline.errors import StoreDamage, UserError
+from pipeline.store import (DIGESTS, EMPTY, FORMAT, CacheStore, bad_digest, bad_values, chunks_of, crc_ok,
+                            topk_index_dtype)
 
-EMPTY = 2**64 - 1  # a shard index entry (offset, nbytes) of an absent chunk holds this twice
 
-
-class CorruptStore(UserError):
+class CorruptStore(StoreDamage):
     """A store that fails verification; the message names the first bad array, chunk or row."""
 
 
@@ -144,6 +144,7 @@ def verify_store(path, *, spot_check: int = 0, checkpoint=None, seed: int = 0, p
     image_size = store.manifest["dataset"].get("image_size")
     per_sample = [(n, a) for n, a in arrays if "/" not in n and _dims(a)[:1] == ("sample",)]
     others = [(n, a) for n, a in arrays if n not in dict(per_sample) and n != "shard_done"]
+    digests = store.recorded_digests()
     objects = crc = 0
     for s in tqdm(range(store.num_shards), desc="verify shards", unit="shard",
                   disable=None if progress else True):  # None: only on a terminal
@@ -156,20 +157,41 @@ def verify_store(path, *, spot_check: int = 0, checkpoint=None, seed: int = 0, p
                 crc += _check_object(a, coords, where, required=True)
             values = _decode(a, rows, f"{where}: {name} shard {s} (samples {rows.start}..{rows.stop - 1})")
             _check_values(a, values, rows.start, K, space, image_size, where)
+            if digests is not None and name in digests:
+                recorded = digests[name][chunks_of(rows, store.samples_per_chunk)]
+                _raise_if(bad_digest(name, values, rows.start, store.samples_per_chunk, recorded), where)
     for name, a in others:  # stats/: objects equal to the fill value may be absent
         for coords in _object_grid(a):
             objects += 1
             crc += _check_object(a, coords, where, required=False)
             region = tuple(slice(i * n, (i + 1) * n) for i, n in zip(coords, _object_shape(a)))
-            _decode(a, region, f"{where}: {name} object {coords} (key {_key(a, coords)})")
+            values = _decode(a, region, f"{where}: {name} object {coords} (key {_key(a, coords)})")
+            if _dims(a)[:1] == ("sample",):  # per-row statistics of finite logits are finite
+                _raise_if(bad_values(name, values, K, np.arange(region[0].start, region[0].start + len(values))),
+                          where)
     if store.status != "complete" or not done.all():
         raise CorruptStore(f"{where} is incomplete: {int(done.sum())}/{store.num_shards} shards done (status "
                            f"{store.status}); the finished shards are intact: resume it with `kdcache cache-teacher`")
     summary = (f"OK {store.path}: {store.num_shards}/{store.num_shards} shards, {len(arrays)} arrays, "
-               f"{objects} objects read ({crc} with crc32c checksums, all match), values finite and in range")
+               f"{objects} objects read ({crc} with crc32c checksums, all match), values finite and in range, "
+               + _unchecked(store, digests))
     if spot_check:
         summary += "; " + _spot_check(store, spot_check, checkpoint, seed, done, where)
     return summary
+
+
+def _unchecked(store: CacheStore, digests) -> str:
+    """What this store's format version lets verify check about where rows are and what the manifest was."""
+    if digests is not None:
+        return f"every chunk of rows is the one written there ({DIGESTS})"
+    missing = f"no {DIGESTS}" + ("" if "manifest_sha256" in store.group.attrs else " nor manifest_sha256")
+    return (f"but this store predates format 1.1 ({missing}): shard files moved to other rows cannot be "
+            "detected (rebuild the store to record them)")
+
+
+def _raise_if(problem: str | None, where: str) -> None:
+    if problem is not None:
+        raise CorruptStore(f"{where}: {problem}")
 
 
 def _check_metadata(group: zarr.Group, where: str) -> None:
@@ -244,24 +266,13 @@ def _check_values(a: zarr.Array, values: np.ndarray, start: int, K: int, space, 
     """The first row of one shard whose values cannot be right: NaN/Inf, a label outside 0..K-1, a view outside
     the view space."""
     name = a.path
-    if values.dtype.kind == "f":
-        bad = ~np.isfinite(values)
-        what = "NaN/Inf"
-    elif name in ("labels", "topk_indices"):
-        bad = (values < 0) | (values >= K)
-        what = f"a class outside 0..{K - 1}"
-    elif name == "views":
-        bad = _bad_views(values, space, image_size)
-        what = f"view parameters outside the {space.kind} view space ({_view_rule(space)})"
-    else:
-        return
+    if name != "views":
+        return _raise_if(bad_values(name, values, K, np.arange(start, start + len(values))), where)
+    bad = _bad_views(values, space, image_size)
     if bad.any():
-        first = np.argwhere(bad)[0]
-        at = dict(zip(_dims(a), first.tolist()))
-        at["sample"] += start
-        row = ", ".join(f"{d} {i}" for d, i in list(at.items())[:2])
-        got = values[tuple(first[:2])]
-        raise CorruptStore(f"{where}: {name} at {row} holds {what}: {np.asarray(got).tolist()}")
+        i, v = np.argwhere(bad)[0]
+        raise CorruptStore(f"{where}: views at sample {start + i}, view {v} holds view parameters outside the "
+                           f"{space.kind} view space ({_view_rule(space)}): {values[i, v].tolist()}")
 
 
 def _bad_views(params: np.ndarray, space, image_size) -> np.ndarray:
@@ -318,11 +329,6 @@ def _codecs(a: zarr.Array) -> dict:
     return {"sharded": False, "crc": names(codecs)[-1:] == ["crc32c"]}
 
 
-def _crc_ok(data: bytes) -> bool:
-    """The crc32c codec appends the little-endian crc32c of what precedes it."""
-    return len(data) >= 4 and google_crc32c.value(data[:-4]).to_bytes(4, "little") == data[-4:]
-
-
 def _check_object(a: zarr.Array, coords, where: str, *, required: bool) -> bool:
     """One stored object (chunk or shard), byte by byte; True when it had crc32c checksums to check.
     `required`: it holds rows recorded done, so it and every inner chunk inside the array must be present."""
@@ -340,7 +346,7 @@ def _check_object(a: zarr.Array, coords, where: str, *, required: bool) -> bool:
     if not data:
         raise CorruptStore(f"{what} is empty (0 bytes): the object was truncated")
     if not c["sharded"]:
-        if c["crc"] and not _crc_ok(data):
+        if c["crc"] and not crc_ok(data):
             raise CorruptStore(f"{what} fails its crc32c checksum: corrupted or truncated")
         return c["crc"]
     inner = c["inner"]
@@ -348,7 +354,7 @@ def _check_object(a: zarr.Array, coords, where: str, *, required: bool) -> bool:
     n = math.prod(per_axis)
     size = 16 * n + 4 * c["index_crc"]
     index = data[-size:] if c["index_at_end"] else data[:size]
-    if len(data) < size or (c["index_crc"] and not _crc_ok(index)):
+    if len(data) < size or (c["index_crc"] and not crc_ok(index)):
         raise CorruptStore(f"{what}: its chunk index fails its crc32c checksum ({len(data)} bytes): "
                            "the shard is truncated or corrupted")
     table = np.frombuffer(index[:16 * n], dtype="<u8").reshape(n, 2)
@@ -362,7 +368,7 @@ def _check_object(a: zarr.Array, coords, where: str, *, required: bool) -> bool:
             continue
         if offset + nbytes > len(data):
             raise CorruptStore(f"{chunk} lies beyond the end of the shard ({len(data)} bytes): truncated")
-        if c["crc"] and not _crc_ok(data[offset:offset + nbytes]):
+        if c["crc"] and not crc_ok(data[offset:offset + nbytes]):
             raise CorruptStore(f"{chunk} fails its crc32c checksum: corrupted")
     return c["crc"] or c["index_crc"]
 

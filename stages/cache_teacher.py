@@ -15,8 +15,10 @@ import zarr
 from tqdm import tqdm
 
 import pipeline
+from pipeline.config import check_memory
 from pipeline.data import load_dataset
 from pipeline.errors import UserError, is_int
+from pipeline.files import disk_full
 from pipeline.inference import accuracy, model_logits
 from pipeline.models import load_checkpoint, select_device
 from pipeline.sharing import writer_lock
@@ -36,6 +38,9 @@ def cache_teacher(cfg: dict, *, num_shards: int = 1, shard_index: int = 0, overw
     data = load_dataset(dcfg["name"], "train", root=dcfg["root"], subset=dcfg["subset"], **dcfg["options"])
     space = ViewSpace.from_config(cfg["views"], data.image_size)
     logits_entry = _logits_entry(ccfg, data.num_classes)  # checks cache.topk before the teacher runs
+    rows = ccfg["samples_per_chunk"] * ccfg["chunks_per_shard"]  # zarr holds a whole shard in memory
+    check_memory(rows * space.num_views * 4 * (data.num_classes + space.num_params + 1) + 16 * ccfg["chunks_per_shard"],
+                 f"a shard of cache.samples_per_chunk x cache.chunks_per_shard = {rows} samples x {space.num_views} views")
     device = select_device(cfg["device"])
     teacher, info = load_checkpoint(cfg["teacher"]["checkpoint"], arch=cfg["teacher"]["arch"],
                                     num_classes=data.num_classes, in_channels=data.channels, device=device)
@@ -62,17 +67,19 @@ def cache_teacher(cfg: dict, *, num_shards: int = 1, shard_index: int = 0, overw
     todo = [s for s in range(store.num_shards) if s % num_shards == shard_index and not done[s]]
     # the processes of one job (--num-shards N) share the store; a second job is refused
     lock = writer_lock(store.path, f"cache-teacher-{shard_index}-of-{num_shards}", job=f"cache-teacher-of-{num_shards}")
-    with lock, ShardWriter(store) as writer:
-        for shard in tqdm(todo, desc=f"stage 1 shards (process {shard_index}/{num_shards})",
-                          disable=not progress, unit="shard"):
-            rows = store.shard_rows(shard)
-            ids = np.arange(rows.start, rows.stop)
-            params = space.sample_params(ids, _image_sizes(data, ids))
-            logits = model_logits(teacher, data, ids, params, space, batch_size=ccfg["batch_size"],
-                                  device=device, amp=ccfg["amp"])
-            stored = _checked_cast(logits, ccfg["dtype"], shard, ccfg["topk"])
-            writer.put(shard, stored, params, data.labels[ids].astype(np.int32))
-    store.mark_complete_if_done()
+    with disk_full(store.path, lambda: f"{int(store.done().sum())}/{store.num_shards} shards are written and "
+                   "recorded done, the others are redone next time; the store stays incomplete"):
+        with lock, ShardWriter(store) as writer:
+            for shard in tqdm(todo, desc=f"stage 1 shards (process {shard_index}/{num_shards})",
+                              disable=not progress, unit="shard"):
+                rows = store.shard_rows(shard)
+                ids = np.arange(rows.start, rows.stop)
+                params = space.sample_params(ids, _image_sizes(data, ids))
+                logits = model_logits(teacher, data, ids, params, space, batch_size=ccfg["batch_size"],
+                                      device=device, amp=ccfg["amp"])
+                stored = _checked_cast(logits, ccfg["dtype"], shard, ccfg["topk"])
+                writer.put(shard, stored, params, data.labels[ids].astype(np.int32))
+        store.mark_complete_if_done()
     return store
 
 
@@ -172,6 +179,10 @@ class ShardWriter:
 
 def shards_from_env(num_shards, shard_index):
     """Under torchrun (WORLD_SIZE/RANK set) each rank takes its share unless told otherwise."""
+    if num_shards is None and shard_index is not None:
+        raise UserError(f"--shard-index {shard_index} needs --num-shards (how many processes share the work)")
+    if num_shards is not None and num_shards > 1 and shard_index is None:
+        raise UserError(f"--num-shards {num_shards} needs --shard-index (this process's index in 0..{num_shards - 1})")
     if num_shards is None:
         size, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
         if not (size.isdigit() and rank.isdigit() and int(rank) < int(size)):

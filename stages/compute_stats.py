@@ -35,11 +35,13 @@ import torch
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 import pipeline
-from pipeline.errors import UserError
+from pipeline.errors import StoreDamage, UserError
+from pipeline.files import disk_full
 from pipeline.stats import (STATISTICS, Output, block_statistics, check_settings, class_statistics,
                             number_name, output, plan_outputs)
 from pipeline.sharing import ReadOnlyStore, open_overlay, writer_lock
-from pipeline.store import CacheStore, decode_logits
+from pipeline.store import (CacheStore, bad_values, check_rows, chunks_of, decode_logits, reading,
+                            reading_metadata)
 
 COMPRESSORS = [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=4), Crc32cCodec()]
 
@@ -66,7 +68,9 @@ def compute_stats(path, settings: dict, *, out=None, scheduler: str | None = Non
     _check_store(store)
     root = store.group if out is None else open_overlay(out, store.fingerprint(), store.path, create=True)
     try:
-        with writer_lock(store.path if out is None else out, "stats"):
+        target = store.path if out is None else out
+        with disk_full(target, "the statistics finished before are kept; the unfinished ones have no fingerprint "
+                       "(refused by stage 3) and are recomputed next time"), writer_lock(target, "stats"):
             return _compute(store, root, out, settings, scheduler, workers, progress)
     except ReadOnlyStore as e:
         if out is not None:
@@ -78,7 +82,7 @@ def compute_stats(path, settings: dict, *, out=None, scheduler: str | None = Non
 def _compute(store: CacheStore, root, out, settings, scheduler, workers, progress) -> dict:
     group = root.require_group("stats")
     fingerprint = store.fingerprint()
-    state = {o.name: _state(group, o, fingerprint) for o in plan_outputs(settings)}
+    state = {o.name: _state(group, o, fingerprint, store.path if out is None else out) for o in plan_outputs(settings)}
     todo = [o for o in plan_outputs(settings) if state[o.name] != "fresh"]
     summary = {"store": store.path, "overlay": out, "computed": [o.name for o in todo],
                "stale": [n for n, s in state.items() if s == "stale"],
@@ -108,14 +112,27 @@ def read_stat(store: CacheStore, statistic: str, *, overlay=None, **params):
     """
     o = output(statistic, **params)
     root = store.group if overlay is None else open_overlay(overlay, store.fingerprint(), store.path)
-    group = root["stats"] if "stats" in root else None
-    state = "missing" if group is None else _state(group, o, store.fingerprint())
+    with reading_metadata(overlay or store.path, "stats"):
+        group = root["stats"] if "stats" in root else None
+    state = "missing" if group is None else _state(group, o, store.fingerprint(), overlay or store.path)
     if state == "fresh":
         return group[o.name]
     why = {"missing": "has no", "incomplete": "has an incomplete (interrupted)",
            "stale": "has a stale (computed from other logits)"}[state]
     where = f"store {store.path}" if overlay is None else f"statistics overlay {overlay}"
     raise UserError(f"{where} {why} stats/{o.name}; compute it with: {stats_command(store.path, o, overlay)}")
+
+
+def load_stat(a, path) -> np.ndarray:
+    """A per-row statistics array of the store (or overlay) at `path` read whole, as stage 3 does, and checked as
+    read: StoreDamage for undecodable bytes or a NaN/Inf (statistics of finite logits are finite)."""
+    with reading(path, a, slice(0, a.shape[0])):
+        values = a[...]
+    problem = bad_values(a.path, values, 0, np.arange(len(values)))
+    if problem is not None:
+        raise StoreDamage(f"store {path}: {problem}: the statistics are damaged; run `kdcache verify {path}`, then "
+                          "recompute them (delete the array, then kdcache stats)")
+    return values
 
 
 def stats_command(path, o: Output, out=None) -> str:
@@ -204,25 +221,21 @@ def _graph(store: CacheStore, group, todo: list[Output], ece_bins: int) -> list:
     """Dask collections that compute `todo` and store it into the (created) arrays of `group`.
 
     One da.store of everything, computed at once: one graph, so each block is read and computed once.
-    A top-k store's blocks are rebuilt into (S, V, K) float32 logits first (`decode_logits`).
+    Each task reads its block's rows and checks them (`_block`).
     """
     N, V, K = store.logits_shape
-    S = block_samples(store)
-    labels = da.from_zarr(store.labels, chunks=(S,))
-    task = dask.delayed(block_statistics, pure=True)
-    if store.logits is not None:
-        blocks = da.from_zarr(store.logits, chunks=(S, V, K)).to_delayed().ravel()
-    else:
-        arrays = {n: da.from_zarr(a, chunks=(S,) + a.shape[1:]).to_delayed().ravel()
-                  for n, a in store.logit_arrays.items()}
-        decode = dask.delayed(decode_logits, pure=True)
-        blocks = [decode(dict(zip(arrays, b)), K) for b in zip(*arrays.values())]
-    parts = [task(lb, yb, todo, ece_bins) for lb, yb in zip(blocks, labels.to_delayed().ravel())]
+    S, c = block_samples(store), store.samples_per_chunk
+    arrays = {**store.logit_arrays, "labels": store.labels}
+    digests = store.recorded_digests()
+    task = dask.delayed(_block, pure=True)
+    blocks = [slice(start, min(start + S, N)) for start in range(0, N, S)]
+    parts = [task(store.path, arrays, rows, c, None if digests is None else
+                  {n: digests[n][chunks_of(rows, c)] for n in arrays}, K, todo, ece_bins) for rows in blocks]
     sources, targets = [], []
     row_outs = [o for o in todo if o.per_row]
     if row_outs:
-        rows = da.concatenate([da.from_delayed(p[0], shape=(n, V, len(row_outs)), dtype=np.float32)
-                               for p, n in zip(parts, labels.chunks[0])])
+        rows = da.concatenate([da.from_delayed(p[0], shape=(b.stop - b.start, V, len(row_outs)), dtype=np.float32)
+                               for p, b in zip(parts, blocks)])
         rows = rows.rechunk({0: store.samples_per_shard})  # one write per output shard (blocks are small)
         sources += [rows[..., j].astype(group[o.name].dtype) for j, o in enumerate(row_outs)]
         targets += [group[o.name] for o in row_outs]
@@ -234,6 +247,20 @@ def _graph(store: CacheStore, group, todo: list[Output], ece_bins: int) -> list:
         targets += [group[o.name] for o in class_outs]
     stored = da.store(sources, targets, lock=False, compute=False)  # one source: an Array, else a tuple
     return [stored] if isinstance(stored, da.Array) else list(stored)
+
+
+def _block(path, arrays: dict, rows: slice, chunk: int, digests: dict | None, num_classes: int, outputs, ece_bins):
+    """The Dask task of one block: read `rows` of the logits (or a top-k store's arrays) and labels, check them as
+    they are read (finite, labels in range, the rows recorded there: `check_rows`, StoreDamage naming them), then
+    compute their statistics (a top-k block rebuilt into float32 logits first)."""
+    values = {}
+    for name, a in arrays.items():
+        with reading(path, a, rows):
+            values[name] = a[rows]
+        check_rows(path, name, values[name], rows.start, num_classes, chunk, None if digests is None else digests[name])
+    labels = values.pop("labels")
+    logits = values["logits"] if "logits" in values else decode_logits(values, num_classes)
+    return block_statistics(logits, labels, outputs, ece_bins)
 
 
 def _class_values(sums, outputs):
@@ -264,16 +291,28 @@ def _check_store(store: CacheStore):
         raise UserError(f"store {store.path} has {store.num_classes} class(es); statistics need at least 2")
 
 
-def _state(group, o: Output, fingerprint: str) -> str:
-    """'fresh' | 'missing' | 'incomplete' | 'stale' for output `o` in the stats group."""
-    if o.name not in group:
-        return "missing"
-    attrs = group[o.name].attrs.asdict()
+def _state(group, o: Output, fingerprint: str, path) -> str:
+    """'fresh' | 'missing' | 'incomplete' | 'stale' for output `o` in the stats group of the store at `path`;
+    StoreDamage for damaged metadata, or a finished array of another data type than its statistic's."""
+    with reading_metadata(path, f"stats/{o.name}"):
+        if o.name not in group:
+            return "missing"
+        a = group[o.name]
+    attrs = a.attrs.asdict()
     if "logits_fingerprint" not in attrs:
         return "incomplete"
     same = (attrs["logits_fingerprint"] == fingerprint and attrs.get("statistic") == o.statistic
             and attrs.get("params") == o.params)
+    if same and str(a.dtype) != _dtype(o):
+        raise StoreDamage(f"store {path}: stats/{o.name}/zarr.json says data type {a.dtype}, but {o.statistic} is "
+                          f"{_dtype(o)}: its metadata was edited, every chunk would be misread; recompute it "
+                          f"(delete stats/{o.name}, then kdcache stats) or run `kdcache verify {path}`")
     return "fresh" if same else "stale"
+
+
+def _dtype(o: Output) -> str:
+    """The data type of output `o`'s array."""
+    return {"top1_correct": "bool", "class_count": "int64"}.get(o.statistic, "float32" if o.per_row else "float64")
 
 
 def _create(group, o: Output, store: CacheStore):
@@ -287,8 +326,7 @@ def _create(group, o: Output, store: CacheStore):
     else:
         shape = {"class_mean_softmax": (K, K), "ece": ()}.get(o.statistic, (K,))
         chunks, dims = shape, {0: (), 1: ("class",), 2: ("class", "class")}[len(shape)]
-    dtype = {"top1_correct": "bool", "class_count": "int64"}.get(o.statistic,
-                                                                   "float32" if o.per_row else "float64")
+    dtype = _dtype(o)
     fill = {"bool": False, "int64": 0}.get(dtype, float("nan"))
     group.create_array(o.name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, fill_value=fill,
                        compressors=COMPRESSORS if o.per_row else [Crc32cCodec()], dimension_names=dims, overwrite=True,

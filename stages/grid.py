@@ -10,6 +10,7 @@ and the axes to sweep:
     methods:                            # label -> method and its parameters (pipeline/losses.py)
       kd: {method: kd, params: {T: 4}}
       kd_ls: {method: kd, params: {standardize: true}}
+      kd_online: {method: kd, params: {T: 4}, train: {online: true, augment: fresh}}  # + `train` overrides
     params: {T: [2, 4]}                 # optional axes: every value, for each method that has the parameter
     seeds: [0, 1, 2]
 
@@ -31,7 +32,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from pipeline.config import load_config, merge
+from pipeline.config import load_config, merge, read_yaml
 from pipeline.errors import UserError, is_int
 from pipeline.losses import METHOD_PARAMS, check_params
 
@@ -41,14 +42,7 @@ GRID_KEYS = {"config", "set", "out", "students", "methods", "params", "seeds"}
 def load_grid(path) -> dict:
     """The grid file as a dict, its keys checked (yaml.safe_load)."""
     path = Path(path)
-    try:
-        grid = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise UserError(f"cannot read grid file {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"grid file {path} is not a text (UTF-8) YAML file") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"grid file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    grid = read_yaml(path, "grid file") or {}
     if not isinstance(grid, dict):
         raise UserError(f"grid file {path} must be a YAML mapping at the top level")
     unknown = sorted(set(grid) - GRID_KEYS)
@@ -57,6 +51,11 @@ def load_grid(path) -> dict:
     for key in ("out", "methods"):
         if not grid.get(key):
             raise UserError(f"grid file {path} needs `{key}`")
+    for key, ok, must_be in (("config", lambda v: v is None or isinstance(v, str) and v, "a config file path"),
+                             ("out", lambda v: isinstance(v, str) and "://" not in v, "a local folder path"),
+                             ("set", lambda v: v is None or isinstance(v, dict), "a mapping of config overrides")):
+        if not ok(grid.get(key)):
+            raise UserError(f"grid `{key}` must be {must_be}, got {grid.get(key)!r}")
     return grid
 
 
@@ -84,12 +83,12 @@ def expand_grid(grid: dict) -> list[dict]:
     methods = grid["methods"]
     if not isinstance(methods, dict):
         raise UserError("grid `methods` must map a label to {method: NAME, params: {...}}")
-    students = grid.get("students") or [base["train"]["student"]]
-    seeds = grid.get("seeds") or [base["seed"]]
+    students = grid["students"] if "students" in grid else [base["train"]["student"]]  # absent: the base's;
+    seeds = grid["seeds"] if "seeds" in grid else [base["seed"]]  # an empty list would silently run it too
     for key, values, ok, what in (
             ("students", students, lambda v: isinstance(v, str) and v, "model names"),
             ("seeds", seeds, lambda v: is_int(v, 0), "integers >= 0")):
-        if not (isinstance(values, list) and all(ok(v) for v in values)):
+        if not (isinstance(values, list) and values and all(ok(v) for v in values)):
             raise UserError(f"grid `{key}` must be a non-empty list of {what}, got {values!r}")
     axes = grid.get("params") or {}
     if not isinstance(axes, dict) or not all(isinstance(v, list) and v for v in axes.values()):
@@ -97,9 +96,14 @@ def expand_grid(grid: dict) -> list[dict]:
     out = Path(grid["out"])
     runs, seen, swept_somewhere = [], set(), set()
     for label, spec in methods.items():
-        if not isinstance(spec, dict) or set(spec) - {"method", "params"}:
-            raise UserError(f"grid method {label!r} must be {{method: NAME, params: {{...}}}}, got {spec!r}")
+        if not isinstance(spec, dict) or set(spec) - {"method", "params", "train"}:
+            raise UserError(f"grid method {label!r} must be {{method: NAME, params: {{...}}, train: {{...}}}}, "
+                            f"got {spec!r}")
         method = spec.get("method", label)
+        train = spec.get("train") or {}
+        if not isinstance(train, dict) or {"method", "params", "out", "student"} & set(train):
+            raise UserError(f"grid method {label!r}: `train` overrides the train section except method, params, "
+                            f"student and out, got {train!r}")
         swept = [a for a in axes if a in METHOD_PARAMS.get(method, {})]
         swept_somewhere.update(swept)
         for student, values, seed in itertools.product(students, itertools.product(*(axes[a] for a in swept)), seeds):
@@ -109,7 +113,7 @@ def expand_grid(grid: dict) -> list[dict]:
                 params = check_params(method, params)
             except UserError as e:
                 error = str(e)
-            cfg = merge(base, {"seed": seed, "train": {"student": student, "method": method}})
+            cfg = merge(base, {"seed": seed, "train": {**train, "student": student, "method": method}})
             cfg["train"]["params"] = params
             key = run_key(cfg)
             if key in seen:  # two labels that resolve to one run train once

@@ -2,17 +2,26 @@
 
 One loop serves both modes; only where the teacher logits come from differs:
 - offline: the store's logits (and stage-2 statistics) for the view each sample draws this epoch;
-- online: the teacher runs on the very images the student sees (the reference for parity and speed).
-Online and CE-only runs draw from the config's view space the same V views per sample that the store
-holds (they are a pure function of the views seed and sample id); an offline run refuses a store whose
-views differ from the config's, so every mode of one config sees the same views. The student's input
-is re-created from the view's parameters by `apply_views`, the function stage 1 fed the teacher with,
-so offline targets match the inputs exactly.
+- online: the teacher runs on the very images the student sees.
+The student's input is re-created from the view's parameters by `apply_views`, the function stage 1
+fed the teacher with, so offline targets match the inputs exactly.
 
-Each epoch every sample draws one of its V cached views: a random permutation of the V views per
-sample and cycle of V epochs, so no view repeats before all were seen. Views, batch order and
-stochastic layers are pure functions of (seed, epoch, sample): a killed run resumes from its last
-epoch checkpoint and ends exactly where an uninterrupted run ends, without saving RNG states.
+Augmentation (`train.augment`):
+- cached: each epoch every sample draws one of its V cached views: a random permutation of the V
+  views per sample and cycle of V epochs, so no view repeats before all were seen. Online and
+  CE-only runs draw from the config's view space the same V views per sample that the store holds
+  (a pure function of the views seed and sample id): online KD on cached views is the parity
+  reference of offline KD. `train.views_used: K` restricts a run to a fixed subset of K of the V
+  views per sample (the same for every training seed, nested: K=2 holds K=1's view), so one
+  exhaustive store answers how many cached views a schedule needs.
+- fresh: a new view drawn from the whole view space at every step, as ordinary training does
+  (CE-only and online KD only: a cache has no targets for views it never saw).
+Views, batch order and stochastic layers are pure functions of (seed, epoch, sample): a killed run
+resumes from its last epoch checkpoint and ends exactly where an uninterrupted run ends, without
+saving RNG states.
+
+`train.validation: M` evaluates on the last M training images instead of the test split, for
+choosing settings without looking at test accuracy (the training subset must stop before them).
 
 Targets are loaded into memory once when they fit (`train.memory_gb`); otherwise they are read from
 Zarr a block of `chunks_per_block` chunks at a time (the next block in a background thread), and the
@@ -24,8 +33,6 @@ and plain types only), student.pt (the final student, a pipeline.models checkpoi
 """
 import json
 import math
-import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,13 +43,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import pipeline
-from pipeline.data import load_dataset
+from pipeline.data import holdout, load_dataset
 from pipeline.errors import UserError, is_int, is_number
+from pipeline.files import disk_full, torch_bytes, write_atomic
 from pipeline.inference import accuracy
 from pipeline.losses import check_params, distill_loss
 from pipeline.models import build_model, load_checkpoint, save_checkpoint, select_device
-from stages.compute_stats import read_stat
-from pipeline.sharing import group_exists, open_overlay
+from stages.compute_stats import load_stat, read_stat
+from pipeline.sharing import enclosing_store, group_exists, open_overlay
 from pipeline.store import CacheStore, decode_logits
 from pipeline.views import ViewSpace, apply_views
 
@@ -62,11 +70,20 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
     device = select_device(cfg["device"])
     d = cfg["dataset"]
     data = load_dataset(d["name"], "train", root=d["root"], subset=d["subset"], **d["options"])
-    test = load_dataset(d["name"], "test", root=d["root"], **d["options"])
+    if t["validation"] is None:
+        test, eval_split = load_dataset(d["name"], "test", root=d["root"], **d["options"]), "test"
+    else:
+        full = load_dataset(d["name"], "train", root=d["root"], **d["options"])
+        test = holdout(full, t["validation"], len(data))
+        eval_split = f"validation: training images {len(full) - len(test)}..{len(full) - 1}"
+    fresh = t["augment"] == "fresh"
 
     # Where targets come from: the store, a live teacher, or nowhere (CE needs no teacher).
     store, teacher = None, None
     if method != "ce" and not t["online"]:
+        if fresh:
+            raise UserError("train.augment 'fresh' draws views the cache holds no targets for: use it with "
+                            "train.online: true (online KD) or method ce, or augment 'cached' to read the store")
         store = open_store(cfg["cache"]["store"], data, cfg["views"])
         space = ViewSpace.from_manifest(store.manifest["views"])
         stats = cached_stats(store, method, params, cfg["cache"]["stats"])
@@ -74,7 +91,7 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
         source = (MemoryTargets(store, stats) if in_memory else ZarrTargets(store, stats, t["chunks_per_block"]))
     else:
         space = ViewSpace.from_config(cfg["views"], data.image_size)
-        source = LiveViews(space, data)
+        source = LiveViews(space, data, fresh_seed=cfg["seed"] if fresh else None)
         if method != "ce":
             teacher, _ = load_checkpoint(cfg["teacher"]["checkpoint"], arch=cfg["teacher"]["arch"],
                                          num_classes=data.num_classes, in_channels=data.channels, device=device)
@@ -83,14 +100,15 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
     torch.manual_seed(cfg["seed"])
     student = build_model(t["student"], data.num_classes, data.channels, image_size=space.output_size[0]).to(device)
     opt = make_optimizer(student, t)
-    out = Path(t["out"])
-    try:  # now, not after the first epoch
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write the run folder {out}: {e.strerror} ({e.filename})") from None
+    out = make_run_folder(t["out"])  # now, not after the first epoch
     metrics, wall, first_epoch = resume(out, student, opt, cfg, fingerprint)
 
     N, V, seed, bs = len(data), space.num_views, cfg["seed"], t["batch_size"]
+    K = t["views_used"] or V
+    if K > V:
+        raise UserError(f"train.views_used {K} is more than the {V} views per sample "
+                        f"{'the store holds' if store is not None else 'of the config'}")
+    subset = view_subset(N, V, K, space.seed) if K < V else None
     steps = math.ceil(N / bs)
     labels = torch.from_numpy(data.labels)
     eval_space = evaluation_space(space)
@@ -99,10 +117,15 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
     for epoch in range(first_epoch, t["epochs"]):
         torch.manual_seed(mix(seed, epoch, 1) >> 1)  # stochastic layers (dropout), if the student has any
         student.train()
-        views = epoch_views(N, V, seed, epoch)
+        if fresh:
+            views = np.full(N, -1)  # no cached view: LiveViews draws a new one per sample and epoch
+        else:
+            views = epoch_views(N, K, seed, epoch)
+            if subset is not None:
+                views = subset[np.arange(N), views]
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, ce, kd, correct (summed over samples)
         epoch_start = time.perf_counter()
-        batches = source.batches(source.blocks(N, seed, epoch), views, bs)
+        batches = source.batches(source.blocks(N, seed, epoch), views, bs, epoch)
         bar = tqdm(batches, total=steps, leave=False, desc=f"stage 3 epoch {epoch + 1}/{t['epochs']}",
                    disable=None if progress else True)  # None: no bar when stderr is not a terminal (logs)
         for step, b in enumerate(bar):
@@ -161,6 +184,7 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
     result = {
         "method": method, "params": params, "mode": "online" if teacher is not None else
         ("offline" if store is not None else "no teacher (ce)"),
+        "augment": t["augment"], "views_used": K if not fresh else None, "evaluated_on": eval_split,
         "targets": source.kind, "store": store.path if store else None, "store_fingerprint": fingerprint,
         "stats_overlay": cfg["cache"]["stats"] if store else None,
         "teacher": store.manifest["teacher"] if store else (cfg["teacher"] if teacher is not None else None),
@@ -172,12 +196,15 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
         "software": {"kdcache": pipeline.__version__, "torch": torch.__version__},
         "config": cfg,
     }
-    save_checkpoint(out / "student.pt", student.cpu(), arch=t["student"], num_classes=data.num_classes,
-                    in_channels=data.channels, image_size=space.output_size[0],
-                    meta={"test_accuracy": result["last_accuracy"], "method": method, "params": params,
-                          "store_fingerprint": fingerprint, "dataset": data.describe()})
-    write_metrics(out, metrics)  # again: a run killed between checkpoint and metrics file resumes here
-    write_atomic(out / "result.json", json.dumps(result, indent=1))
+    with disk_full(out, f"the run folder keeps its checkpoint of epoch {metrics[-1]['epoch']}; no result.json"):
+        save_checkpoint(out / "student.pt", student.cpu(), arch=t["student"], num_classes=data.num_classes,
+                        in_channels=data.channels, image_size=space.output_size[0],
+                        meta={"test_accuracy": result["last_accuracy"], "method": method, "params": params,
+                              "store_fingerprint": fingerprint, "dataset": data.describe()})
+    with disk_full(out, f"the run folder keeps its checkpoint of epoch {metrics[-1]['epoch']}; no result.json, "
+                        "so the run is not marked finished"):
+        write_metrics(out, metrics)  # again: a run killed between checkpoint and metrics file resumes here
+        write_atomic(out / "result.json", json.dumps(result, indent=1))
     return result
 
 
@@ -199,6 +226,10 @@ def check_train(t: dict) -> dict:
     need("method", lambda v: isinstance(v, str), "a method name")
     need("params", lambda v: isinstance(v, dict), "a mapping of the method's parameters")
     need("online", lambda v: isinstance(v, bool), "true or false")
+    need("augment", lambda v: v in ("cached", "fresh"), "'cached' (the cached views) or 'fresh' (a new view every step)")
+    need("views_used", lambda v: v is None or is_int(v, 1), "null (all cached views) or an integer >= 1")
+    need("validation", lambda v: v is None or is_int(v, 1),
+         "null (evaluate on the test split) or an integer >= 1 (the last M training images)")
     need("epochs", integer(1), "an integer >= 1")
     need("batch_size", integer(1), "an integer >= 1")
     need("optimizer", lambda v: v in ("sgd", "adamw"), "'sgd' or 'adamw'")
@@ -214,6 +245,8 @@ def check_train(t: dict) -> dict:
     need("chunks_per_block", integer(1), "an integer >= 1")
     need("eval_batch_size", integer(1), "an integer >= 1")
     need("out", lambda v: isinstance(v, str) and v, "a folder path")
+    if t["augment"] == "fresh" and t["views_used"] is not None:
+        raise UserError("train.views_used picks cached views; with train.augment 'fresh' every view is new: drop one")
     if t["schedule"] == "step" and not t["milestones"]:
         raise UserError("train.schedule 'step' needs train.milestones (epochs after which the lr decays)")
     check_params(t["method"], t["params"])
@@ -272,7 +305,8 @@ def open_store(path, data, views: dict) -> CacheStore:
 
 
 def cached_stats(store: CacheStore, method: str, params: dict, overlay=None) -> dict:
-    """The stage-2 arrays a method reads, by distill_loss's stats names; UserError names the missing call.
+    """The stage-2 arrays a method reads, by distill_loss's stats names, read whole and checked to be finite
+    (`load_stat`); UserError names the missing call.
 
     From the statistics overlay at `overlay` (`kdcache stats STORE --out OVERLAY`, for stores one cannot
     write) when given, else from the store itself. An overlay of another cache is refused even when the
@@ -282,9 +316,11 @@ def cached_stats(store: CacheStore, method: str, params: dict, overlay=None) -> 
         open_overlay(overlay, store.fingerprint(), store.path)
     if method == "mlt":
         std = "unbiased" if params["unbiased_std"] else "population"
-        return {"temperature": read_stat(store, "mlt_temperature", overlay=overlay, std=std)}
+        return {"temperature": load_stat(read_stat(store, "mlt_temperature", overlay=overlay, std=std),
+                                         overlay or store.path)}
     if method == "wttm":
-        return {"power_sum": read_stat(store, "wttm_power_sum", overlay=overlay, gamma=params["gamma"])}
+        return {"power_sum": load_stat(read_stat(store, "wttm_power_sum", overlay=overlay, gamma=params["gamma"]),
+                                       overlay or store.path)}
     return {}
 
 
@@ -318,6 +354,16 @@ def epoch_views(n: int, num_views: int, seed: int, epoch: int) -> np.ndarray:
     return np.argpartition(keys, rank, axis=1)[:, rank].astype(np.int64)
 
 
+def view_subset(n: int, num_views: int, k: int, views_seed: int) -> np.ndarray:
+    """The fixed K of V view indices (n, K) each sample may use (`train.views_used`).
+
+    The K lowest-ranked views by a hash of (views seed, sample, view): random per sample, independent of
+    the training seed (like a store built with K views), and nested (the subset for K holds the one for K-1).
+    """
+    keys = mix(views_seed, 0x5EED, np.arange(n)[:, None], np.arange(num_views)[None, :])
+    return np.argsort(keys, axis=1, kind="stable")[:, :k].astype(np.int64)
+
+
 def shuffled(n: int, seed: int, epoch: int) -> list[np.ndarray]:
     """A random permutation of 0..n-1, cut into reads of READ_ROWS rows."""
     order = np.random.default_rng([seed, epoch]).permutation(n)
@@ -340,18 +386,18 @@ def block_shuffled(n: int, seed: int, epoch: int, chunk: int, chunks_per_block: 
 class Source:
     """Yields batches {ids, views, params, [logits], [stats...]} over reads of rows (numpy arrays).
 
-    Subclasses define `blocks` (the epoch order as a list of reads) and `read(rows, views)`. The next read
-    runs in a background thread while the current one's batches train.
+    Subclasses define `blocks` (the epoch order as a list of reads) and `read(rows, views, epoch)`. The
+    next read runs in a background thread while the current one's batches train.
     """
     kind, stat_names = "", ()
 
-    def batches(self, blocks, views: np.ndarray, batch_size: int):
+    def batches(self, blocks, views: np.ndarray, batch_size: int, epoch: int = 0):
         carry = None
         with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(self._read, blocks[0], views) if blocks else None
+            pending = pool.submit(self._read, blocks[0], views, epoch) if blocks else None
             for i in range(len(blocks)):
                 part = pending.result()
-                pending = pool.submit(self._read, blocks[i + 1], views) if i + 1 < len(blocks) else None
+                pending = pool.submit(self._read, blocks[i + 1], views, epoch) if i + 1 < len(blocks) else None
                 if carry is not None:
                     part = {k: np.concatenate([carry[k], v]) for k, v in part.items()}
                 size = len(part["ids"])
@@ -362,16 +408,19 @@ class Source:
         if carry is not None:
             yield carry
 
-    def _read(self, rows, views):
-        return {"ids": rows, "views": views[rows], **self.read(rows, views[rows])}
+    def _read(self, rows, views, epoch):
+        return {"ids": rows, "views": views[rows], **self.read(rows, views[rows], epoch)}
 
 
 class MemoryTargets(Source):
-    """Logits (or a top-k store's arrays, rebuilt per read) and view params loaded from the store once."""
+    """Logits (or a top-k store's arrays, rebuilt per read) and view params loaded from the store once, and checked
+    as they are loaded: finite, in range, and every chunk of rows the one stage 1 wrote there (its digest)."""
     kind = "memory"
 
     def __init__(self, store: CacheStore, stats: dict):
-        self.parts, self.params = {n: a[...] for n, a in store.logit_arrays.items()}, store.views[...]
+        rows, digests = slice(0, store.views.shape[0]), store.recorded_digests()
+        self.parts = {n: store.read_rows(n, rows, digests) for n in store.logit_arrays}
+        self.params = store.read_rows("views", rows, digests)
         self.num_classes = store.num_classes
         self.stats = {k: a[...] for k, a in stats.items()}
         self.stat_names = tuple(stats)
@@ -379,7 +428,7 @@ class MemoryTargets(Source):
     def blocks(self, n, seed, epoch):
         return shuffled(n, seed, epoch)
 
-    def read(self, rows, views):
+    def read(self, rows, views, epoch=0):
         logits = decode_logits({n: a[rows, views] for n, a in self.parts.items()}, self.num_classes)
         return {"params": self.params[rows, views], "logits": logits,
                 **{k: a[rows, views] for k, a in self.stats.items()}}
@@ -397,35 +446,38 @@ class ZarrTargets(Source):
     def blocks(self, n, seed, epoch):
         return block_shuffled(n, seed, epoch, self.store.labels.chunks[0], self.chunks_per_block)
 
-    def read(self, rows, views):
-        """One coordinate selection per array: zarr decodes each chunk the block touches once."""
-        r, v = rows[:, None], views[:, None]
-
-        def select(a):  # rows x views of a (N, V, X) or (N, V) array
-            return a.vindex[r, v, np.arange(a.shape[2])[None, :]] if a.ndim == 3 else a.vindex[rows, views]
-
-        parts = {n: select(a) for n, a in self.store.logit_arrays.items()}
-        return {"params": select(self.store.views), "logits": decode_logits(parts, self.store.num_classes),
+    def read(self, rows, views, epoch=0):
+        """One coordinate selection per array (`CacheStore.read_views`: zarr decodes each chunk the block touches
+        once; the values are checked as read)."""
+        parts = {n: self.store.read_views(n, rows, views) for n in self.store.logit_arrays}
+        return {"params": self.store.read_views("views", rows, views),
+                "logits": decode_logits(parts, self.store.num_classes),
                 **{k: a[rows, views] for k, a in self.stats.items()}}
 
 
 class LiveViews(Source):
-    """No cache: the view params of the same view space (online KD, CE-only); the teacher runs live.
+    """No cache: view params of the config's view space (online KD, CE-only); the teacher runs live.
 
-    For fixed-size images the (N, V, P) params are drawn once, as stage 1 did: drawing them is a
-    per-sample RNG and should cost no more here than reading them from a store does.
+    Cached augmentation: the V views the store would hold. For fixed-size images the (N, V, P) params
+    are drawn once, as stage 1 did: drawing them is a per-sample RNG and should cost no more here than
+    reading them from a store does. Fresh augmentation (fresh_seed set): a new view per sample and
+    epoch from the whole space, `ViewSpace.random_params` keyed by (training seed, epoch).
     """
     kind = "live"
 
-    def __init__(self, space: ViewSpace, data):
-        self.space, self.data = space, data
-        fixed = data.image_size is not None
+    def __init__(self, space: ViewSpace, data, fresh_seed: int | None = None):
+        self.space, self.data, self.fresh_seed = space, data, fresh_seed
+        fixed = data.image_size is not None and fresh_seed is None
         self.params = space.sample_params(np.arange(len(data)), data.image_size) if fixed else None
+        self.kind = "live" if fresh_seed is None else "live, fresh views"
 
     def blocks(self, n, seed, epoch):
         return shuffled(n, seed, epoch)
 
-    def read(self, rows, views):
+    def read(self, rows, views, epoch=0):
+        if self.fresh_seed is not None:
+            sizes = self.data.image_size or self.data.image_sizes(rows)
+            return {"params": self.space.random_params(rows, mix(self.fresh_seed, epoch, 3) >> 1, sizes)}
         if self.params is not None:
             return {"params": self.params[rows, views]}
         params = self.space.sample_params(rows, self.data.image_sizes(rows))
@@ -489,25 +541,33 @@ def first_difference(old: dict, new: dict, where: str = "") -> str:
     return ""
 
 
-def save_run(out: Path, state: dict) -> None:
-    """The epoch checkpoint (atomic) and the metrics file it implies (rewritten whole, so they always agree)."""
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".checkpoint.", suffix=".tmp")
+def make_run_folder(location) -> Path:
+    """The run folder, created: a local folder that is neither a Zarr store nor inside one (a run written
+    there would add strays that `kdcache info` lists and `verify` misses)."""
+    if "://" in str(location) or "::" in str(location):
+        raise UserError(f"train.out must be a local folder path, got the URL {location}")
+    out = Path(location)
+    store = enclosing_store(out, itself=True)
+    if store is not None:
+        raise UserError(f"the run folder {out} would be inside the Zarr store {store}: choose a train.out (--out) "
+                        "outside any store")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, out / "checkpoint.pt")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    write_metrics(out, state["metrics"])
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write the run folder {out}: {e.strerror} ({e.filename})") from None
+    return out
+
+
+def save_run(out: Path, state: dict) -> None:
+    """The epoch checkpoint (atomic) and the metrics file it implies (rewritten whole, so they always agree).
+    A full disk keeps the previous epoch's checkpoint (or this one's when only the metrics failed)."""
+    kept = state["epoch"] - 1
+    with disk_full(out, lambda: f"the run folder keeps its checkpoint of epoch {kept}" if kept else
+                   "no epoch was saved"):
+        write_atomic(out / "checkpoint.pt", torch_bytes(state))
+        kept += 1
+        write_metrics(out, state["metrics"])
 
 
 def write_metrics(out: Path, metrics: list) -> None:
     write_atomic(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -609,7 +609,7 @@ def grid_methods_list(env, tmp):
     return ["grid", grid_file(env, tmp, methods=["kd", "dkd"])]
 
 
-@case("grid", "method entry with an unknown key", "grid method 'kd' must be {method: NAME, params: {...}}")
+@case("grid", "method entry with an unknown key", "grid method 'kd' must be {method: NAME, params: {...}")
 def grid_method_key(env, tmp):
     return ["grid", grid_file(env, tmp, methods={"kd": {"method": "kd", "T": 4}})]
 
@@ -847,6 +847,93 @@ def topk_too_large(env, tmp):
 @case("cache-teacher", "cache.topk a word", "topk")
 def topk_word(env, tmp):
     return ["cache-teacher", "--config", syn_config(env, tmp, {"cache.topk": "ten"})]
+
+
+# -- nothing of a user's is ever deleted or mixed into a store; no output that silently vanishes (issue 7)
+@case("cache-teacher", "--overwrite on a Zarr group that is not a kdcache store (a user's arrays)",
+      "--overwrite refused: ")
+def overwrite_foreign_group(env, tmp):
+    import zarr
+    group = zarr.open_group(str(tmp / "mine.zarr"), mode="w-", zarr_format=3)
+    group.create_array("precious", shape=(4,), dtype="int32")[:] = [1, 2, 3, 4]
+    return ["cache-teacher", "--config", syn_config(env, tmp), "--out", tmp / "mine.zarr", "--overwrite"]
+
+
+@case("cache-teacher", "--out inside a complete store", "would be inside the Zarr store")
+def cache_out_inside_store(env, tmp):
+    return ["cache-teacher", "--config", syn_config(env, tmp), "--out", f"{env.store}/x.zarr"]
+
+
+@case("stats", "--out (the overlay) inside the cache store", "would be inside the Zarr store")
+def stats_out_inside_store(env, tmp):
+    return ["stats", env.store, "--out", f"{env.store}/x.zarr", "--stat", "entropy"]
+
+
+@case("train", "run folder (--out) that is the cache store", "would be inside the Zarr store")
+def train_out_is_store(env, tmp):
+    return ["train", "--config", train_config(env, tmp), "--out", env.store]
+
+
+@case("train", "run folder (--out) inside the cache store", "would be inside the Zarr store")
+def train_out_inside_store(env, tmp):
+    return ["train", "--config", train_config(env, tmp), "--out", f"{env.store}/runs/kd"]
+
+
+@case("train", "run folder (--out) a URL", "train.out must be a local folder path")
+def train_out_url(env, tmp):
+    return ["train", "--config", train_config(env, tmp), "--out", "s3://bucket/run"]
+
+
+@case("cache-teacher", "--out inside a stage-3 run folder", "would be inside the stage-3 run folder")
+def cache_out_inside_run(env, tmp):
+    (tmp / "run").mkdir()
+    (tmp / "run" / "metrics.jsonl").write_text("{}\n")
+    return ["cache-teacher", "--config", syn_config(env, tmp), "--out", tmp / "run" / "cache.zarr"]
+
+
+@case("cache-teacher", "--out memory:// (gone when the process exits)", "memory:// lives only inside this process")
+def cache_out_memory(env, tmp):
+    return ["cache-teacher", "--config", syn_config(env, tmp), "--out", "memory://cache.zarr"]
+
+
+@case("stats", "--out memory:// (gone when the process exits)", "memory:// lives only inside this process")
+def stats_out_memory(env, tmp):
+    return ["stats", env.store, "--out", "memory://overlay.zarr", "--stat", "entropy"]
+
+
+@case("cache-teacher", "--shard-index without --num-shards", "--shard-index 1 needs --num-shards")
+def shard_index_alone(env, tmp):
+    return ["cache-teacher", "--config", syn_config(env, tmp), "--shard-index", "1"]
+
+
+@case("cache-teacher", "--num-shards 2 without --shard-index", "--num-shards 2 needs --shard-index")
+def num_shards_alone(env, tmp):
+    return ["cache-teacher", "--config", syn_config(env, tmp), "--num-shards", "2"]
+
+
+@case("grid", "students an empty list", "grid `students` must be a non-empty list of model names, got []")
+def grid_students_empty(env, tmp):
+    return ["grid", grid_file(env, tmp, students=[])]
+
+
+@case("grid", "seeds an empty list", "grid `seeds` must be a non-empty list of integers >= 0, got []")
+def grid_seeds_empty(env, tmp):
+    return ["grid", grid_file(env, tmp, seeds=[])]
+
+
+@case("grid", "config a number, not a path", "grid `config` must be a config file path, got 5")
+def grid_config_number(env, tmp):
+    return ["grid", grid_file(env, tmp, config=5)]
+
+
+@case("config", "--config a device file (/dev/zero), not a text file", "is not a regular file")
+def config_device_file(env, tmp):
+    return ["config", "--config", "/dev/zero"]
+
+
+@case("config", "config holding NUL bytes", "is not a text (UTF-8) YAML file (it holds NUL bytes)")
+def config_nul_bytes(env, tmp):
+    return ["config", "--config", text_file(tmp, "c.yaml", "train: {lr: 0.1}\n\x00\n")]
 
 
 # ---- running a case ------------------------------------------------------------------------------

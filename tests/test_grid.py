@@ -176,3 +176,33 @@ def test_report_and_grid_commands_refuse_mistakes_in_one_line(tmp_path):
     assert r.exit_code == 1 and "not a grid folder" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(cli, ["grid", str(tmp_path / "missing.yaml")])
     assert r.exit_code == 1 and "cannot read grid file" in r.output
+
+
+def test_per_method_train_overrides_real_settings_and_the_saving(tmp_path, base_config, threads_cluster):
+    """A label's `train` overrides reach its runs only; the table shows each run's real parameters and
+    how it got targets; the report prints the online run against the offline one of the same method."""
+    path = grid_file(tmp_path, base_config, set={"train": {"epochs": 1}},
+                     methods={"kd": {"method": "kd", "params": {"T": 2}},
+                              "kd_online_fresh": {"method": "kd", "params": {"T": 2},
+                                                  "train": {"online": True, "augment": "fresh"}},
+                              "kd_K2": {"method": "kd", "params": {"T": 2}, "train": {"views_used": 2}}})
+    runs = {r["label"]: r for r in expand_grid(load_grid(path))}
+    assert runs["kd_online_fresh"]["cfg"]["train"]["online"] and not runs["kd"]["cfg"]["train"]["online"]
+    assert runs["kd_K2"]["cfg"]["train"]["views_used"] == 2 and runs["kd"]["cfg"]["train"]["views_used"] is None
+    assert len({r["key"] for r in runs.values()}) == 3
+    done = run_grid(path, scheduler=threads_cluster, progress=False)
+    assert done["done"] == 3 and not done["failed"]
+    report = write_report(tmp_path / "grid", plots=False)
+    rows = {r["method"]: r for r in report["rows"]}
+    assert rows["kd"]["settings"] == "T=2, w_ce=0.1, w_kd=0.9; 18 views/image"  # all the store holds
+    assert rows["kd_online_fresh"]["settings"] == "T=2, w_ce=0.1, w_kd=0.9; online; fresh views"
+    assert rows["kd_K2"]["settings"] == "T=2, w_ce=0.1, w_kd=0.9; 2 views/image"
+    on, off = rows["kd_online_fresh"]["wall_seconds_mean"], rows["kd"]["wall_seconds_mean"]
+    assert f"- kd_online_fresh: {on:.1f} s per run; kd from the cache: {off:.1f} s ({on / off:.2f}x)" in report["markdown"]
+
+    bad = grid_file(tmp_path, base_config, methods={"kd": {"method": "kd", "train": {"out": "x"}}})
+    with pytest.raises(UserError, match="except method, params, student and out"):
+        expand_grid(load_grid(bad))
+    bad = grid_file(tmp_path, base_config, methods={"kd": {"method": "kd", "train": {"no_such_key": 1}}})
+    with pytest.raises(UserError, match="unknown config key 'train.no_such_key'"):
+        expand_grid(load_grid(bad))

@@ -1,4 +1,4 @@
-"""Losses against independent float64 numpy computations of the METHODS.md formulas."""
+"""Losses against independent float64 numpy computations of the docs/METHODS.md formulas."""
 
 import math
 
@@ -242,8 +242,9 @@ def test_dkd_warmup_and_ls_in_registry():
     assert at(5) == pytest.approx(full / 4, rel=1e-6)
     assert at(20) == pytest.approx(full, rel=1e-6) and at(200) == pytest.approx(full, rel=1e-6)
     assert distill_loss("dkd", zs, zt, y, params={"warmup": 0}, epoch=1).item() == pytest.approx(full, rel=1e-6)
-    ls = distill_loss("dkd", zs, zt, y, params={"standardize": True}, epoch=30).item()
-    assert ls == pytest.approx(dkd_loss(standardize(zs), standardize(zt), y, 1.0, 8.0, 4.0).item(), rel=1e-6)
+    # DKD+LS as the LS code runs it (docs/METHODS.md): T = 2, alpha and beta x the kd weight 9
+    ls = distill_loss("dkd", zs, zt, y, params=check_params("dkd", {"standardize": True}), epoch=30).item()
+    assert ls == pytest.approx(dkd_loss(standardize(zs), standardize(zt), y, 9.0, 72.0, 2.0).item(), rel=1e-6)
 
 
 # --- max-logit temperature -------------------------------------------------------------

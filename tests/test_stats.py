@@ -1,4 +1,4 @@
-"""Stage 2: every statistic against a direct float64 NumPy computation of its formula (METHODS.md),
+"""Stage 2: every statistic against a direct float64 NumPy computation of its formula (docs/METHODS.md),
 on stores built from logits chosen here; skipping, new parameters, stale and refused stores; the
 threaded scheduler against a real LocalCluster of 2 processes; the CLI and its plots."""
 import json
@@ -36,7 +36,7 @@ def make_store(path, logits, labels, *, dtype="float16", complete=True, samples_
 
 
 def reference(z, y, *, t_base, gammas, std, bins):
-    """METHODS.md formulas in float64, written directly: rows z (R, K), labels y (R,)."""
+    """docs/METHODS.md formulas in float64, written directly: rows z (R, K), labels y (R,)."""
     K = z.shape[1]
     sd = z.std(axis=1, ddof=1 if std == "unbiased" else 0)
     mean = z.mean(axis=1)
@@ -192,7 +192,9 @@ def test_stale_and_interrupted_statistics_are_refused_then_recomputed(tmp_path):
 
     # stage 1 re-run with another teacher: new logits, new manifest (fingerprint)
     new = rng.normal(0, 1, logits.shape).astype(np.float16)
-    store.logits[...] = new
+    for shard in range(store.num_shards):  # as stage 1 writes: the rows, their digests, the record
+        rows = store.shard_rows(shard)
+        store.write_shard(shard, new[rows], store.views[rows], store.labels[rows])
     manifest = dict(store.manifest, test="another teacher")
     store.group.attrs.update({"manifest": manifest, "manifest_sha256": manifest_sha256(manifest)})
     with pytest.raises(UserError, match=r"stale .*stats/mlt_temperature_unbiased; compute it with: "

@@ -204,8 +204,13 @@ def test_spot_check_matches_the_teacher(clean, teacher_ckpt):
 
 
 def test_spot_check_catches_permuted_rows(copy, teacher_ckpt):
+    from pipeline.store import chunk_crc32c
     a = plain(copy, "logits")
-    a[32:64] = a[32:64][::-1]  # valid chunks, finite values: only the teacher can tell
+    a[32:64] = a[32:64][::-1]  # valid chunks, finite values
+    with pytest.raises(CorruptStore, match=r"logits samples 32\.\.47 are not the rows written there"):
+        verify_store(copy, progress=False)  # the digests recorded by stage 1 tell
+    digests = plain(copy, "chunk_crc32c")
+    digests[2:4, 0] = chunk_crc32c(a[32:64], 32, 16)  # a writer that recorded its wrong rows: only the teacher can tell
     verify_store(copy, progress=False)
     with pytest.raises(CorruptStore, match=r"logits of sample \d+, view \d+ differ from the teacher's by"):
         verify_store(copy, spot_check=40, checkpoint=teacher_ckpt, progress=False)
