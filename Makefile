@@ -64,12 +64,14 @@ demo: setup  ## one teacher pass, every method on a small student, the table, th
 	@echo "demo: teacher fmnist_resnet trained on all 60000 images (3 epochs); students learn from 2000 images, 40 epochs,"
 	@echo "2 seeds; ce_fresh / kd_online_fresh draw a fresh view every step, the rest read the 8 cached views."
 
-views-experiment: setup  ## docs/RESULTS.md's views experiment: 2 stores, 57 runs, the table and plot (~1 h; resumable)
+views-experiment: setup  ## docs/RESULTS.md's views experiment: 3 stores, 78 runs, the table and plot (~30 min; resumable)
 	$(BIN)/kdcache cache-teacher --config configs/views/crop_flip.yaml
 	$(BIN)/kdcache stats --config configs/views/crop_flip.yaml --stat wttm_power_sum
 	$(BIN)/kdcache cache-teacher --config configs/views/resized.yaml
+	$(BIN)/kdcache cache-teacher --config configs/views/resized-cropflip-teacher.yaml
 	OMP_NUM_THREADS=1 $(BIN)/kdcache grid configs/grid/views/crop_flip.yaml --workers 2
 	OMP_NUM_THREADS=1 $(BIN)/kdcache grid configs/grid/views/resized.yaml --workers 2
+	OMP_NUM_THREADS=1 $(BIN)/kdcache grid configs/grid/views/resized-cropflip-teacher.yaml --workers 2
 	$(BIN)/python benchmarks/views_report.py results/views
 
 clean-venv:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import load_config
-from stages.cache_teacher import cache_teacher
-from stages.compute_stats import compute_stats
-from stages.grid import load_grid, run_grid
+from kdcache.config import load_config
+from kdcache.stages.cache_teacher import cache_teacher
+from kdcache.stages.compute_stats import compute_stats
+from kdcache.stages.grid import load_grid, run_grid
 
 
 def timed(fn):

@@ -3,13 +3,14 @@ stage 1's cost per cached view, side by side in one run; then the cost model and
 
 Pairs: the default Fashion-MNIST pair (28x28x1, 10 classes, batch 128), the four CIFAR-100 pairs of
 the KD literature (32x32x3, 100 classes, batch 64) and an ImageNet-style pair (torchvision ResNet-50 ->
-ResNet-18, 224x224x3, 1000 classes, batch 16, a quarter of the steps); random input tensors (only time is measured), the
+ResNet-18, 224x224x3, 1000 classes, batch 16); random input tensors (only time is measured), the
 models in training mode on `--device`. One training step: student forward, loss, backward, SGD update;
 offline KD adds its cached targets (float16 rows gathered from an in-memory array, as the trainer does)
 and the KD loss; online KD adds the teacher's forward pass (eval mode, no gradient). The three modes of
 a pair run back to back `--repeats` times, and ratios are medians of per-round ratios. Stage 1's cost
-per cached view: the teacher's forward pass alone at stage 1's batch (512 images; 32 at 224x224), eval,
-no gradient.
+per cached view: the teacher's forward pass alone (eval, no gradient) at the pair's training batch
+(`kdcache cache-teacher --batch-size B`; on this CPU stage 1's default batch of 512 costs about 1.8x
+more per image, docs/BENCHMARKS.md).
 
 Cost model (per image of the data set; f = stage-1 seconds per view, s = seconds per image-step):
   caching V views          V * f                          (once; V teacher forwards per image)
@@ -17,7 +18,7 @@ Cost model (per image of the data set; f = stage-1 seconds per view, s = seconds
   one online run,  E epochs E * s_online                  (E teacher forwards per image)
   break-even runs R* = V * f / (E * (s_online - s_offline)): from R* runs on, the cache is cheaper.
 
-    .venv/bin/python benchmarks/bench_pairs.py [--steps 20] [--repeats 3] [--device cpu]
+    .venv/bin/python benchmarks/bench_pairs.py [--seconds 3] [--repeats 3] [--device cpu]
 """
 import argparse
 import json
@@ -29,8 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import distill_loss
-from pipeline.models import build_model, select_device
+from kdcache.losses import distill_loss
+from kdcache.models import build_model, select_device
 
 # name: (teacher, student, classes, channels, side, batch, cache schedule: views V, epochs E)
 PAIRS = {
@@ -43,13 +44,14 @@ PAIRS = {
     "tv:resnet50 -> tv:resnet18": ("tv:resnet50", "tv:resnet18", 1000, 3, 224, 16, 50, 100),
 }
 MODES = ("ce", "offline_kd", "online_kd")
-CACHE_BATCH = 512
 
 
-def step_seconds(teacher, student, opt, mode, x, y, bank, steps) -> float:
-    """Mean wall seconds of `steps` training steps of `mode` (after 2 untimed warm-up steps)."""
+def step_seconds(teacher, student, opt, mode, x, y, bank, seconds) -> float:
+    """Mean wall seconds of a training step of `mode`: steps are timed (after 2 untimed warm-up steps) until
+    `seconds` have passed and at least 3 ran, so that short steps are averaged over many."""
     rows = torch.arange(len(x))
-    for i in range(steps + 2):
+    i = timed = 0
+    while timed < 3 or time.perf_counter() - start < seconds:
         if i == 2:
             start = time.perf_counter()
         z_s = student(x)
@@ -64,13 +66,14 @@ def step_seconds(teacher, student, opt, mode, x, y, bank, steps) -> float:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        timed += i >= 2
+        i += 1
+    return (time.perf_counter() - start) / timed
 
 
-def cache_seconds_per_view(teacher, classes, channels, side, device, batches) -> float:
-    n = CACHE_BATCH if side < 100 else 32  # 512 images of 224x224 would need several GB of activations
+def cache_seconds_per_view(teacher, n, channels, side, device, batches) -> float:
     x = torch.randn(n, channels, side, side, device=device)
     with torch.no_grad():
         teacher(x)
@@ -82,9 +85,9 @@ def cache_seconds_per_view(teacher, classes, channels, side, device, batches) ->
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per mode and round")
+    ap.add_argument("--seconds", type=float, default=3.0, help="time each mode and round for this long (>= 3 steps)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of the three modes, interleaved")
-    ap.add_argument("--cache-batches", type=int, default=3, help="timed stage-1 batches per pair and round")
+    ap.add_argument("--cache-batches", type=int, default=10, help="timed stage-1 batches per pair and round")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="benchmarks/results/pairs.json")
     args = ap.parse_args()
@@ -101,9 +104,8 @@ def main():
         cache = []
         for r in range(args.repeats):
             for mode in MODES:
-                per[mode].append(step_seconds(teacher, student, opt, mode, x, y, bank,
-                                              args.steps if S < 100 else max(3, args.steps // 4)))
-            cache.append(cache_seconds_per_view(teacher, K, C, S, device, args.cache_batches))
+                per[mode].append(step_seconds(teacher, student, opt, mode, x, y, bank, args.seconds))
+            cache.append(cache_seconds_per_view(teacher, B, C, S, device, args.cache_batches))
             print(f"{name} round {r + 1}: " + ", ".join(f"{m} {1000 * per[m][-1]:.1f} ms/step" for m in MODES)
                   + f"; stage 1 {1e6 * cache[-1]:.0f} us/view", flush=True)
         s = {m: statistics.median(v) / B for m, v in per.items()}  # seconds per image-step
@@ -120,7 +122,7 @@ def main():
         }
         print(f"{name}: online/offline {ratio['online_kd/offline_kd']:.2f}, offline/CE {ratio['offline_kd/ce']:.2f}, "
               f"break-even after {results[name]['break_even_runs']:.2f} runs (V={V}, E={E})", flush=True)
-    meta = {"device": str(device), "torch_threads": torch.get_num_threads(), "steps": args.steps,
+    meta = {"device": str(device), "torch_threads": torch.get_num_threads(), "seconds": args.seconds,
             "repeats": args.repeats, "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -142,8 +144,8 @@ def plot(results: dict, path: Path, runs: int = 10) -> None:
         on, off = p["ms_per_step"]["online_kd"] / 1000 / B, p["ms_per_step"]["offline_kd"] / 1000 / B
         cache = V * p["stage1_us_per_view"] / 1e6
         ax.plot(r, 1000 * r * E * on, label="online KD", color="tab:red")
-        ax.plot(r, 1000 * (cache + r * E * off), label=f"cache {V} views + offline KD", color="tab:blue")
-        ax.set_title(f"{name}\n{E} epochs", fontsize=8)
+        ax.plot(r, 1000 * (cache + r * E * off), label="cache V views + offline KD", color="tab:blue")
+        ax.set_title(f"{name}\nV = {V} views, {E} epochs", fontsize=8)
         ax.set_xlabel("student runs")
         ax.set_ylim(bottom=0)
     axes[0][0].set_ylabel("ms of compute per training image")

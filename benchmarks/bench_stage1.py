@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import load_config
-from pipeline.data import load_dataset
-from pipeline.inference import model_logits
-from pipeline.models import load_checkpoint, select_device
-from pipeline.store import CacheStore
-from pipeline.views import ViewSpace
-from stages.cache_teacher import cache_teacher
+from kdcache.config import load_config
+from kdcache.data import load_dataset
+from kdcache.inference import model_logits
+from kdcache.models import load_checkpoint, select_device
+from kdcache.store import CacheStore
+from kdcache.views import ViewSpace
+from kdcache.stages.cache_teacher import cache_teacher
 
 
 def bare_inference(cfg) -> float:

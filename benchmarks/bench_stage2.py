@@ -57,7 +57,7 @@ def cpu_seconds() -> float:
 def build_store(path: Path, samples: int, views: int, classes: int, seed: int = 0):
     """Teacher-like float16 logits: N(0, 2) noise, +6 on the label for ~80% of rows; shards are written
     by two threads (each shard is its own file), in the store's default layout."""
-    from pipeline.store import CacheStore
+    from kdcache.store import CacheStore
     store = CacheStore.create(path, {"benchmark": "stage2", "samples": samples, "views": views, "classes": classes},
                               num_samples=samples, num_views=views, num_classes=classes, num_params=1)
 
@@ -78,8 +78,8 @@ def build_store(path: Path, samples: int, views: int, classes: int, seed: int = 
 # ---- the two sides (each in its own process) ------------------------------------------------------
 
 def run_stage2(path: str) -> dict:
-    from pipeline.config import DEFAULTS
-    from stages.compute_stats import compute_stats
+    from kdcache.config import DEFAULTS
+    from kdcache.stages.compute_stats import compute_stats
     shutil.rmtree(Path(path) / "stats", ignore_errors=True)
     baseline, cpu = rss_mb(), cpu_seconds()
     start = time.perf_counter()
@@ -138,7 +138,7 @@ def numpy_statistics(x: np.ndarray, y: np.ndarray, *, t_base: float, gammas, bin
 
 def run_numpy(path: str) -> dict:
     import zarr
-    from pipeline.config import DEFAULTS
+    from kdcache.config import DEFAULTS
     s = DEFAULTS["stats"]
     group = zarr.open_group(path, mode="r")
     baseline, cpu = rss_mb(), cpu_seconds()
@@ -163,13 +163,13 @@ def run_numpy(path: str) -> dict:
 
 def run_kernels(path: str, repeats: int = 20) -> dict:
     """Per core, on one 2048-row block of the store, interleaved: the stage 2 kernel; the same kernel
-    calling pipeline.losses for the max-logit temperature and the power sums (what the kernel replaces
+    calling kdcache.losses for the max-logit temperature and the power sums (what the kernel replaces
     by formulas on shared intermediates); the NumPy baseline. Microseconds per row, medians."""
     import torch
     import zarr
-    import pipeline.stats as ps
-    from pipeline.config import DEFAULTS
-    from pipeline.losses import MLT_CONSTANT, max_logit_temperature, teacher_power_sum
+    import kdcache.stats as ps
+    from kdcache.config import DEFAULTS
+    from kdcache.losses import MLT_CONSTANT, max_logit_temperature, teacher_power_sum
     torch.set_num_threads(1)
     group = zarr.open_group(path, mode="r")
     x = group["logits"][:2048 // group["logits"].shape[1]]
@@ -286,7 +286,7 @@ def main():
           f"(added by the computation: {result['stage2_added_rss_over_array']:.2f}); target <= 0.25")
     print(f"max relative difference NumPy vs stage 2: {result['max_rel_diff_numpy_vs_stage2']:.1e}")
     print("per core, us/row (1 thread, one 2048-row block): kernel {kernel_us_per_row:.1f}, kernel calling "
-          "pipeline.losses {kernel_via_losses_us_per_row:.1f}, NumPy {numpy_us_per_row:.1f}".format(**kernels))
+          "kdcache.losses {kernel_via_losses_us_per_row:.1f}, NumPy {numpy_us_per_row:.1f}".format(**kernels))
     print(f"1-minute load average before / after: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs (other processes share them)")
     print(f"wrote {args.out}")

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import load_config
-from pipeline.models import select_device
-from pipeline.store import CacheStore
-from stages.train_student import MemoryTargets, ZarrTargets, epoch_views, store_bytes, train_student
+from kdcache.config import load_config
+from kdcache.models import select_device
+from kdcache.store import CacheStore
+from kdcache.stages.train_student import MemoryTargets, ZarrTargets, epoch_views, store_bytes, train_student
 
 
 class Enough(Exception):
@@ -61,7 +61,7 @@ def seconds_per_step(cfg: dict, skip: int, steps: int) -> tuple[float, float]:
 
 def kd_extra_seconds(store, kd: dict, n: int, views) -> float:
     """Per batch: what offline KD adds to a CE step (targets from memory, KD loss forward + backward)."""
-    from pipeline.losses import distill_loss
+    from kdcache.losses import distill_loss
 
     source = MemoryTargets(store, {})
     bs, K = kd["train"]["batch_size"], store.logits.shape[-1]

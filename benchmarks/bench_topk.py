@@ -38,8 +38,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.losses import max_logit_temperature  # noqa: E402
-from pipeline.store import CacheStore, decode_logits, topk_parts  # noqa: E402
+from kdcache.losses import max_logit_temperature  # noqa: E402
+from kdcache.store import CacheStore, decode_logits, topk_parts  # noqa: E402
 
 K, GROUP = 1000, 25
 KS = (1, 5, 10, 20, 50, 100, 200)

@@ -1,6 +1,6 @@
 """The views experiment's table and plot (docs/RESULTS.md): test accuracy against cached views per image.
 
-Reads the grid folders ROOT/crop_flip and ROOT/resized (`make views-experiment`), writes ROOT/views.md
+Reads the grid folders ROOT/crop_flip, ROOT/resized and ROOT/resized-cropflip-teacher (`make views-experiment`), writes ROOT/views.md
 (one row per arm: last-epoch test accuracy and train accuracy, mean ± std over seeds, and the train-test
 gap) and ROOT/views.png (offline KD against K, online KD and CE with fresh augmentation as bands).
 
@@ -11,9 +11,11 @@ import re
 import statistics
 from pathlib import Path
 
-from pipeline.report import read_runs, summarise
+from kdcache.report import read_runs, summarise
 
-SPACES = {"crop_flip": "crop/flip, padding 2 (50 views)", "resized": "random-resized crop/flip (16 sampled views)"}
+SPACES = {"crop_flip": "crop/flip, padding 2 (50 views)",
+          "resized": "random-resized crop/flip (16 sampled views), teacher trained on them",
+          "resized-cropflip-teacher": "random-resized crop/flip, teacher trained on crop/flip views"}
 
 
 def stats(values):

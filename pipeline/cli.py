@@ -1,12 +1,15 @@
 """The `kdcache` command: one sub-command per stage, each a thin call of its stage module.
 
-Options override values of the YAML config. User mistakes and damaged stores end in one line
+Layers, later ones winning: defaults, the YAML config (--config), its `--set KEY=VALUE` items, the command's
+own options. User mistakes and damaged stores end in one line
 `Error: ...` and exit 1.
 """
+import logging
+
 import click
 
-from pipeline.config import load_config
-from pipeline.errors import UserError
+from kdcache.config import load_config
+from kdcache.errors import UserError
 
 
 class Commands(click.Group):
@@ -39,9 +42,14 @@ TOO_BIG = ("Maximum allowed dimension exceeded", "array is too big")
 def last_line(message: str) -> click.ClickException:
     """The error line, which must be the last thing printed: asyncio would otherwise log 'Task was destroyed
     but it is pending!' after it when zarr reads cut short by the error are collected at exit."""
-    import logging
     logging.getLogger("asyncio").disabled = True
-    return click.ClickException(message)
+    return click.ClickException(printable(message))
+
+
+def printable(text: str) -> str:
+    """One line whatever the message quotes: control characters of a user's value (a path holding a newline or
+    a record separator) written as escapes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def store_damage(e: Exception) -> str | None:
@@ -62,32 +70,43 @@ def store_damage(e: Exception) -> str | None:
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
                              help="YAML config (defaults: the Fashion-MNIST pipeline; see configs/).")
 device_option = click.option("--device", help="auto | cpu | cuda | cuda:N (overrides `device`).")
+set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                          help="Override one config key after --config, checked like the file (repeatable): dotted "
+                               "KEY, YAML VALUE, e.g. --set train.lr=0.1 --set views.views=16; the "
+                               "command's own options win over it.")
+
+
+def with_config(command):
+    """--config and --set: every command that reads a config takes both."""
+    return config_option(set_option(command))
 
 
 @click.group(cls=Commands)
 @click.version_option(package_name="kdcache")
 def cli():
     """Offline teacher-logit cache for knowledge distillation: run the teacher once, distil many students."""
+    show_warnings()
 
 
 @cli.command("train-teacher")
-@config_option
+@with_config
 @device_option
 @click.option("--checkpoint", help="Where to save the teacher (overrides teacher.checkpoint).")
 @click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (overrides teacher.epochs).")
-def train_teacher_cmd(config_path, device, checkpoint, epochs):
+def train_teacher_cmd(config_path, sets, device, checkpoint, epochs):
     """Stage 0: train the config's teacher with cross-entropy and save it with its test accuracy.
 
     A bootstrap for users without a teacher checkpoint; stage 1 takes any checkpoint of the zoo.
     """
-    from stages.train_teacher import train_teacher
-    cfg = load_config(config_path, {"device": device, "teacher": {"checkpoint": checkpoint, "epochs": epochs}})
+    from kdcache.stages.train_teacher import train_teacher
+    cfg = load_config(config_path, {"device": device, "teacher": {"checkpoint": checkpoint, "epochs": epochs}},
+                      sets=sets)
     acc = train_teacher(cfg)
     click.echo(f"teacher {cfg['teacher']['arch']}: test accuracy {acc:.4f}; saved to {cfg['teacher']['checkpoint']}")
 
 
 @cli.command("cache-teacher")
-@config_option
+@with_config
 @device_option
 @click.option("--out", help="Cache store to write, a path or URL (s3://, gs://, file://; overrides cache.store).")
 @click.option("--checkpoint", help="Teacher checkpoint (overrides teacher.checkpoint).")
@@ -97,15 +116,15 @@ def train_teacher_cmd(config_path, device, checkpoint, epochs):
 @click.option("--shard-index", type=click.IntRange(min=0),
               help="This process's index in 0..num-shards-1 (default: torchrun's RANK, else 0).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store built from a different manifest.")
-def cache_teacher_cmd(config_path, device, out, checkpoint, batch_size, num_shards, shard_index, overwrite):
+def cache_teacher_cmd(config_path, sets, device, out, checkpoint, batch_size, num_shards, shard_index, overwrite):
     """Stage 1: run the teacher once over data set x views and write the logits to a Zarr store.
 
     Resumable: an interrupted run skips the shards it already finished. Several processes may share
     one store (--num-shards/--shard-index, or torchrun); each writes only its own shards.
     """
-    from stages.cache_teacher import cache_teacher, shards_from_env
+    from kdcache.stages.cache_teacher import cache_teacher, shards_from_env
     cfg = load_config(config_path, {"device": device, "cache": {"store": out, "batch_size": batch_size},
-                                    "teacher": {"checkpoint": checkpoint}})
+                                    "teacher": {"checkpoint": checkpoint}}, sets=sets)
     n, i = shards_from_env(num_shards, shard_index)
     store = cache_teacher(cfg, num_shards=n, shard_index=i, overwrite=overwrite)
     done = int(store.done().sum())
@@ -115,12 +134,12 @@ def cache_teacher_cmd(config_path, device, out, checkpoint, batch_size, num_shar
 
 
 @cli.command("config")
-@config_option
+@with_config
 @click.argument("key", required=False)
-def config_cmd(config_path, key):
-    """Print the resolved config (defaults <- FILE) as YAML, or the value of one dotted KEY."""
+def config_cmd(config_path, sets, key):
+    """Print the resolved config (defaults <- FILE <- --set items) as YAML, or the value of one dotted KEY."""
     import yaml
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, sets=sets)
     if key:
         for part in key.split("."):
             if not isinstance(cfg, dict) or part not in cfg:
@@ -131,7 +150,7 @@ def config_cmd(config_path, key):
 
 @cli.command("stats")
 @click.argument("store", required=False)
-@config_option
+@with_config
 @click.option("--stat", "statistics", multiple=True,
               help="A statistic to compute (repeatable; names: pipeline/stats.py; default: stats.statistics = all).")
 @click.option("--t-base", type=float, help="LS base temperature T_base (overrides stats.t_base).")
@@ -144,7 +163,7 @@ def config_cmd(config_path, key):
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Also write PNG plots into this folder.")
 @click.option("--out", help="Write the statistics into this overlay store (path or URL) instead of STORE: for stores "
                             "you cannot or should not write; train with --stats OUT (overrides cache.stats).")
-def stats_cmd(store, config_path, statistics, t_base, gammas, std, ece_bins, scheduler, workers, plot_dir, out):
+def stats_cmd(store, config_path, sets, statistics, t_base, gammas, std, ece_bins, scheduler, workers, plot_dir, out):
     """Stage 2: per-(sample, view) temperatures and statistics of the cached logits, with Dask.
 
     Writes into STORE's stats/ group (default STORE: the config's cache.store; a path or a URL such as
@@ -152,10 +171,10 @@ def stats_cmd(store, config_path, statistics, t_base, gammas, std, ece_bins, sch
     by its fingerprint (needed for read-only stores). Statistics already computed with the same
     parameters from the same logits are kept; stale ones are recomputed. A second writer is refused.
     """
-    from stages.compute_stats import compute_stats, plot_stats
+    from kdcache.stages.compute_stats import compute_stats, plot_stats
     cfg = load_config(config_path, {"cache": {"store": store, "stats": out}, "stats": {
         "statistics": list(statistics) or None, "t_base": t_base, "gammas": list(gammas) or None, "std": std,
-        "ece_bins": ece_bins, "scheduler": scheduler, "workers": workers}})
+        "ece_bins": ece_bins, "scheduler": scheduler, "workers": workers}}, sets=sets)
     s = cfg["stats"]
     if scheduler or workers:  # one on the command line replaces the other from the config
         s["scheduler"], s["workers"] = scheduler, workers
@@ -171,7 +190,7 @@ def stats_cmd(store, config_path, statistics, t_base, gammas, std, ece_bins, sch
 
 
 @cli.command("train")
-@config_option
+@with_config
 @device_option
 @click.option("--cache", "store", help="Cache store (path or URL) to read the targets from (overrides cache.store).")
 @click.option("--stats", "overlay", help="Statistics overlay written by `kdcache stats STORE --out OVERLAY` "
@@ -186,16 +205,16 @@ def stats_cmd(store, config_path, statistics, t_base, gammas, std, ece_bins, sch
 @click.option("--out", help="Run folder (overrides train.out); an existing run there is resumed.")
 @click.option("--seed", type=click.IntRange(min=0), help="Seed of the student's init, views and order (overrides seed).")
 @click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (overrides train.epochs).")
-def train_cmd(config_path, device, store, overlay, online, augment, views_used, out, seed, epochs):
+def train_cmd(config_path, sets, device, store, overlay, online, augment, views_used, out, seed, epochs):
     """Stage 3: train the config's student with its distillation method against the cached targets.
 
     Writes metrics.jsonl (per epoch), checkpoint.pt, student.pt and result.json into the run folder;
     a run killed part-way and started again resumes from its last finished epoch.
     """
-    from stages.train_student import train_student
+    from kdcache.stages.train_student import train_student
     cfg = load_config(config_path, {"device": device, "seed": seed, "cache": {"store": store, "stats": overlay},
                                     "train": {"online": online, "augment": augment, "views_used": views_used,
-                                              "out": out, "epochs": epochs}})
+                                              "out": out, "epochs": epochs}}, sets=sets)
     r = train_student(cfg)
     click.echo(f"{r['method']} ({r['mode']}, {r['student']}): last test accuracy {r['last_accuracy']:.4f}, "
                f"best {r['best_accuracy']:.4f} (epoch {r['best_epoch']}); {cfg['train']['out']}/result.json")
@@ -213,8 +232,8 @@ def grid_cmd(grid_file, workers, scheduler):
     Finished runs are skipped and interrupted ones resume from their checkpoints; a failing run is
     reported and the others go on. Ends by writing the report (kdcache report) and printing its table.
     """
-    from pipeline.report import write_report
-    from stages.grid import run_grid
+    from kdcache.report import write_report
+    from kdcache.stages.grid import run_grid
     if workers and scheduler:
         raise UserError("give --workers (a local cluster) or --scheduler (an existing one), not both")
     done = run_grid(grid_file, workers=workers, scheduler=scheduler)
@@ -235,7 +254,7 @@ def report_cmd(run_dir, no_plots):
     One row per student x method x hyper-parameters: mean and std over seeds of the best and last
     epoch test accuracy, and the mean wall time per run.
     """
-    from pipeline.report import write_report
+    from kdcache.report import write_report
     report = write_report(run_dir, plots=not no_plots)
     click.echo(report["markdown"])
     click.echo(f"wrote {', '.join(str(f) for f in report['files'])}")
@@ -246,7 +265,7 @@ def report_cmd(run_dir, no_plots):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def info_cmd(store, as_json):
     """What STORE holds: teacher, data set, views, rows, size on disk, statistics and status."""
-    from pipeline.verify import format_info, store_info
+    from kdcache.verify import format_info, store_info
     info = store_info(store)
     if as_json:
         import json
@@ -268,12 +287,26 @@ def verify_cmd(store, spot_check, checkpoint, seed):
 
     Stops at the first problem, names it (array, shard or chunk, sample rows, storage key) and exits 1.
     """
-    from pipeline.verify import verify_store
+    from kdcache.verify import verify_store
     click.echo(verify_store(store, spot_check=spot_check, checkpoint=checkpoint, seed=seed))
 
 
 def main():
     cli()
+
+
+class WarningLines(logging.Handler):
+    """The library's warnings (logging, logger "kdcache") as `warning: ...` lines on the stderr of the moment."""
+
+    def emit(self, record):
+        click.echo(f"warning: {record.getMessage()}", err=True)
+
+
+def show_warnings() -> None:
+    logger = logging.getLogger("kdcache")
+    if not any(isinstance(h, WarningLines) for h in logger.handlers):
+        logger.addHandler(WarningLines(logging.WARNING))
+        logger.propagate = False
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""YAML configuration: one nested dict of defaults, merged with the user's file and command-line overrides.
+"""YAML configuration: one nested dict of defaults, merged with the user's file, `--set KEY=VALUE` items and
+command-line options.
 
 Every key a stage reads is listed in DEFAULTS, so a misspelt key is an error, not a silent default.
 Sections a stage does not use are simply ignored by it.
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.errors import UserError, is_int
+from kdcache.errors import UserError, is_int
 
 DEFAULTS = {
     "device": "auto",                 # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
@@ -29,7 +30,7 @@ DEFAULTS = {
         "lr": 0.1,
         "weight_decay": 5e-4,
     },
-    "views": {                        # checked by pipeline.views.ViewSpace.from_config (see there per kind)
+    "views": {                        # checked by kdcache.views.ViewSpace.from_config (see there per kind)
         "kind": "crop_flip",          # crop_flip | resized_crop_flip | center_crop
         "padding": 2,                 # crop_flip: zero padding before the crop
         "flip": True,                 # horizontal flip views
@@ -56,8 +57,8 @@ DEFAULTS = {
         "scheduler": None,            # address of a running dask.distributed scheduler
         "workers": None,              # N: start a local cluster of N processes; None: local threads
     },
-    "train": {                        # stage 3 (kdcache train); checked by stages.train_student.check_train
-        "student": "fmnist_cnn",      # zoo name (pipeline/models.py) or tv:<torchvision name>
+    "train": {                        # stage 3 (kdcache train); checked by kdcache.stages.train_student.check_train
+        "student": "fmnist_cnn",      # zoo name (pipeline/models.py), tv:NAME, timm:NAME or python:module:callable
         "method": "kd",               # ce | kd | ttm | wttm | dkd | mlt (formulas: pipeline/losses.py)
         "params": {},                 # the method's hyper-parameters (losses.METHOD_PARAMS); missing = defaults
         "online": False,              # true: run the teacher live instead of reading the cache
@@ -85,6 +86,8 @@ DEFAULTS = {
 
 # Sections whose keys depend on a `kind`: a different kind replaces the section, its own checker validates it.
 BY_KIND = ("views",)
+# Free-form mappings whose keys their user checks (the data set, the method): merged key by key, new keys allowed.
+FREE_FORM = ("dataset.options", "train.params")
 
 
 def merge(base: dict, update: dict, where: str = "") -> dict:
@@ -95,6 +98,9 @@ def merge(base: dict, update: dict, where: str = "") -> dict:
         if name in BY_KIND and isinstance(value, dict):
             same_kind = value.get("kind", base[key]["kind"]) == base[key]["kind"]
             out[key] = {**base[key], **value} if same_kind else dict(value)
+            continue
+        if name in FREE_FORM and isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = {**base[key], **value}
             continue
         if key not in base:
             raise UserError(f"unknown config key '{name}' (known here: {', '.join(sorted(base))})")
@@ -107,8 +113,9 @@ def merge(base: dict, update: dict, where: str = "") -> dict:
     return out
 
 
-def load_config(path=None, overrides: dict | None = None) -> dict:
-    """Defaults <- YAML file <- overrides (nested dict; None values are ignored)."""
+def load_config(path=None, overrides: dict | None = None, sets=()) -> dict:
+    """Defaults <- YAML file <- `sets` ("KEY=VALUE" strings, `--set`, in order) <- overrides (the command's own
+    options: a nested dict whose None values are ignored). Every layer is checked alike: unknown keys are errors."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         path = Path(path)
@@ -117,6 +124,12 @@ def load_config(path=None, overrides: dict | None = None) -> dict:
         if not isinstance(data, dict):
             raise UserError(f"config {path} must be a YAML mapping at the top level")
         cfg = merge(cfg, data)
+    for item in sets:  # one at a time: a later --set of the same key wins
+        one = parse_set(item)
+        try:
+            cfg = merge(cfg, one)
+        except UserError as e:
+            raise UserError(f"--set {item.partition('=')[0]}: {e}") from None
     cfg = merge(cfg, _drop_none(overrides or {}))
     seed = cfg["seed"]
     if not is_int(seed, 0):
@@ -131,6 +144,29 @@ def load_config(path=None, overrides: dict | None = None) -> dict:
 
 
 MAX_SEED = 2**32 - 1
+
+
+def parse_set(item: str) -> dict:
+    """`--set KEY=VALUE` as the one-key mapping a config file would hold ({"train": {"lr": 0.1}} for
+    train.lr=0.1), so load_config checks it like the file. VALUE is YAML (yaml.safe_load): 0.1, 16, [2, 4],
+    null, true; an empty VALUE is refused rather than read as null."""
+    key, eq, text = item.partition("=")
+    parts = key.split(".")
+    if not eq or not all(p and not any(c.isspace() for c in p) for p in parts):
+        raise UserError(f"--set {item!r} must be KEY=VALUE with a dotted KEY such as train.lr (e.g. train.lr=0.1)")
+    if not text.strip():
+        raise UserError(f"--set {item!r} has no value; write {key}=null for none")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        why = ", ".join(filter(None, (getattr(e, "context", None), getattr(e, "problem", None))))
+        raise UserError(f"--set {item!r}: the value is not valid YAML ({why or str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise UserError(f"--set {key}: the value is nested too deeply to be a config value") from None
+    plain(value, f"--set {key}")
+    for part in reversed(parts):
+        value = {part: value}
+    return value
 
 
 def check_memory(nbytes: int, what: str) -> None:
@@ -171,11 +207,44 @@ def read_yaml(path: Path, what: str):
     if "\x00" in text:
         raise UserError(f"{what} {path} is not a text (UTF-8) YAML file (it holds NUL bytes)")
     try:
-        return yaml.safe_load(text)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise UserError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     except RecursionError:
         raise UserError(f"{what} {path} is nested too deeply to be a config") from None
+    plain(data, f"{what} {path}")
+    return data
+
+
+def plain(value, where: str, key: str = "") -> None:
+    """UserError unless `value` holds only what JSON holds (a run records its config as JSON): YAML's binary,
+    timestamps and sets are refused, naming the key."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise UserError(f"{where}: key {k!r} under '{key or '(top)'}' must be a string")
+            plain(v, where, f"{key}.{k}" if key else k)
+    elif isinstance(value, list):
+        for v in value:
+            plain(v, where, key)
+    elif not (value is None or isinstance(value, (str, bool, int, float))):
+        raise UserError(f"{where}: '{key}' holds a YAML {type(value).__name__}; configs take strings, numbers, "
+                        "true/false, null, lists and mappings")
+
+
+def first_difference(old: dict, new: dict, *, ignore=(), old_name: str = "there", where: str = "") -> str:
+    """'' when two nested dicts (configs, manifests) are equal, top-level keys in `ignore` aside, else the first
+    differing dotted key with both values."""
+    for key in sorted(set(old) | set(new)):
+        if not where and key in ignore:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            if diff := first_difference(a, b, old_name=old_name, where=f"{where}{key}."):
+                return diff
+        elif a != b:
+            return f"{where}{key}: {a!r} {old_name}, {b!r} now"
+    return ""
 
 
 def _drop_none(d: dict) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
+from kdcache.errors import UserError
 
 DATASETS = ("fashion-mnist", "cifar100", "imagefolder", "synthetic")
 SPLITS = ("train", "test")

@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from pipeline.errors import UserError
+from kdcache.errors import UserError
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 

@@ -3,7 +3,7 @@ for cached views (stage 1 caching, evaluation, online KD's live teacher, verify'
 import numpy as np
 import torch
 
-from pipeline.views import apply_views
+from kdcache.views import apply_views
 
 
 def view_batches(dataset, ids: np.ndarray, params: np.ndarray, space, batch_size: int):

@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import UserError, is_int, is_number
+from kdcache.errors import UserError, is_int, is_number
 
 # (1 + sqrt(3)) / 2: from the radius of convergence of the second-order Taylor
 # expansion of exp inside the softmax (Matsuyama et al. 2025).
@@ -310,3 +310,28 @@ def distill_loss(method, z_s, z_t, labels, *, params, stats=None, epoch):
         return kd_loss(z_s, z_t, p["T"])
     # dkd
     return dkd_warmup(epoch, p["warmup"]) * dkd_loss(z_s, z_t, labels, p["alpha"], p["beta"], p["T"])
+
+
+class Loss:
+    """A method's whole training loss, as stage 3 computes it: w_ce * CE(z_s, labels) + w_kd * distill_loss.
+
+    Settings default to the published ones (METHOD_PARAMS, LS_DEFAULTS) and are checked by ``check_params``:
+
+        loss_fn = Loss("dkd", standardize=True)
+        loss = loss_fn(student(x), z_t, y, stats=batch, epoch=epoch + 1)
+
+    stats: a mapping holding the cached per-row statistics the method reads ("temperature" for mlt,
+    "power_sum" for wttm: a kdcache.dataset.CacheDataset batch has them); without them they are computed
+    from z_t. epoch: counted from 1 (DKD's warm-up).
+    """
+
+    def __init__(self, method, **params):
+        self.method, self.params = method, check_params(method, params)
+
+    def __call__(self, z_s, z_t, labels, *, stats=None, epoch):
+        ce = F.cross_entropy(z_s, labels)
+        kd = distill_loss(self.method, z_s, z_t, labels, params=self.params, stats=stats, epoch=epoch)
+        return self.params["w_ce"] * ce + self.params.get("w_kd", 0.0) * kd
+
+    def __repr__(self):
+        return f"Loss({self.method!r}, {', '.join(f'{k}={v!r}' for k, v in self.params.items())})"

@@ -9,16 +9,29 @@ Two families of networks, all built by name with `build_model`:
   mdistiller): resnet8x4/32x4/20/56, wrn_16_2/40_2, vgg8/13. Module names follow
   the CRD code, so state dicts of its released teachers load unchanged.
 
-Plus any torchvision classification model as `tv:<name>` (random weights, never a
-download). A checkpoint records the architecture next to the weights, so stage 1
-rebuilds the teacher without the user repeating it and refuses a mismatched config.
+Plus models from elsewhere, all with random weights (never a download; the weights come
+from the user's checkpoint):
+
+* `tv:<name>`: a torchvision classification model;
+* `timm:<name>`: a timm model (the optional extra `pip install kdcache[timm]`);
+* `python:<package.module>:<callable>`: the user's own factory, called as
+  `callable(num_classes=K, in_channels=C, image_size=S)` and returning an nn.Module whose
+  output is (batch, K) logits. The module is imported from the installed packages,
+  PYTHONPATH or the working directory.
+
+A checkpoint records the architecture string next to the weights, so stage 1 rebuilds
+the teacher without the user repeating it and refuses a mismatched config.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
+import inspect
 import json
+import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -26,11 +39,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.errors import UserError
-from pipeline.files import torch_bytes, write_atomic
+from kdcache.errors import UserError
+from kdcache.files import torch_bytes, write_atomic
 
 CHECKPOINT_FORMAT = "kdcache-checkpoint-1"
 TORCHVISION_PREFIX = "tv:"
+TIMM_PREFIX = "timm:"
+FACTORY_PREFIX = "python:"
 
 
 # --------------------------------------------------------------------------- blocks
@@ -254,10 +269,10 @@ MODEL_NAMES: tuple[str, ...] = tuple(_ZOO)
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, *, image_size: int = 28) -> nn.Module:
-    """A freshly initialised model by zoo name or `tv:<torchvision name>`.
+    """A freshly initialised model by zoo name, `tv:NAME`, `timm:NAME` or `python:package.module:callable`.
 
-    `image_size` matters only for `fmnist_mlp` (its first layer's width); every other
-    model pools adaptively and accepts any input size.
+    `image_size` matters only for `fmnist_mlp` (its first layer's width) and for factories,
+    which are given it; every other model pools adaptively and accepts any input size.
     """
     if num_classes < 1 or in_channels < 1 or image_size < 1:
         raise UserError(
@@ -266,10 +281,15 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, *, image_size
         )
     if name.startswith(TORCHVISION_PREFIX):
         return _build_torchvision(name[len(TORCHVISION_PREFIX):], num_classes, in_channels)
+    if name.startswith(TIMM_PREFIX):
+        return _build_timm(name[len(TIMM_PREFIX):], num_classes, in_channels)
+    if name.startswith(FACTORY_PREFIX):
+        return _build_factory(name, num_classes, in_channels, image_size)
     if name not in _ZOO:
         raise UserError(
-            f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)} "
-            f"or a torchvision classifier as '{TORCHVISION_PREFIX}<name>' (e.g. tv:resnet18)"
+            f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}, a torchvision classifier as "
+            f"'{TORCHVISION_PREFIX}<name>' (e.g. tv:resnet18), a timm model as '{TIMM_PREFIX}<name>' or your own "
+            f"factory as '{FACTORY_PREFIX}package.module:callable'"
         )
     return _ZOO[name](num_classes, in_channels, image_size)
 
@@ -288,6 +308,55 @@ def _build_torchvision(name: str, num_classes: int, in_channels: int) -> nn.Modu
             "use a zoo model (e.g. fmnist_resnet) or convert the images to RGB"
         )
     return tvm.get_model(name, weights=None, num_classes=num_classes)
+
+
+def _build_timm(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    try:
+        import timm  # optional: only timm: names need it
+    except ImportError:
+        raise UserError(f"{TIMM_PREFIX}{name} needs timm, which is not installed: "
+                        "pip install 'kdcache[timm]'") from None
+    if not timm.is_model(name):
+        raise UserError(f"{TIMM_PREFIX}{name} is not a timm model; see timm.list_models()")
+    try:  # pretrained=False: never a download, the weights come from the checkpoint
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as e:
+        raise UserError(f"timm cannot build {TIMM_PREFIX}{name} with num_classes={num_classes}, "
+                        f"in_chans={in_channels}: {_first_line(e)}") from None
+
+
+def _build_factory(name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """The user's own model: `python:package.module:callable`, called with keyword arguments only."""
+    module_name, _, attr = name[len(FACTORY_PREFIX):].partition(":")
+    if not (all(part.isidentifier() for part in module_name.split(".")) and attr.isidentifier()):
+        raise UserError(f"model {name!r} must be '{FACTORY_PREFIX}package.module:callable'")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # the user's own folder, after installed packages
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"model {name!r}: cannot import {module_name} ({_first_line(e)}); install it, add its "
+                        "folder to PYTHONPATH or run from the folder that holds it") from None
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise UserError(f"model {name!r}: module {module_name} has no attribute {attr!r}")
+    kwargs = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as e:  # not callable, or another signature
+        raise UserError(f"model {name!r} must be callable as {attr}(num_classes=..., in_channels=..., "
+                        f"image_size=...) ({_first_line(e)})") from None
+    except ValueError:
+        pass  # no signature to inspect (a builtin): the call itself tells
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 # ----------------------------------------------------------------------- checkpoints
@@ -436,16 +505,13 @@ def _check_fits(path, model: nn.Module, state: dict, info: dict) -> None:
     )
 
 
-def file_sha256(path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (checkpoints can be large)."""
+def file_sha256(path) -> str:
+    """Hex sha256 of a file, streamed (checkpoints can be large)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"file not found: {path}")
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def select_device(name: str = "auto") -> torch.device:

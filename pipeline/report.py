@@ -13,7 +13,7 @@ import math
 import statistics
 from pathlib import Path
 
-from pipeline.errors import UserError
+from kdcache.errors import UserError
 
 COLUMNS = ["student", "method", "settings", "params", "seeds", "best_mean", "best_std", "last_mean", "last_std",
            "wall_seconds_mean", "epochs"]

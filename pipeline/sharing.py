@@ -13,6 +13,7 @@ and released when the block ends, also on errors.
 """
 import contextlib
 import datetime
+import logging
 import json
 import os
 import shlex
@@ -26,8 +27,9 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
-from pipeline.errors import UserError
+from kdcache.errors import UserError
 
+log = logging.getLogger(__name__)
 READ_ONLY_PROTOCOLS = ("http", "https")
 OVERLAY_FORMAT = "kdcache-stats-overlay"
 OVERLAY_VERSION = 1
@@ -332,8 +334,8 @@ def _stale(holder: dict) -> bool:
 
 
 def _take_over(fs, root, name, holder):
-    print(f"warning: taking over the stale lock {LOCKS}/{name} of pid {holder.get('pid')} on {holder.get('host')} "
-          f"(since {holder.get('started')}): that process is gone", file=sys.stderr, flush=True)
+    log.warning(f"taking over the stale lock {LOCKS}/{name} of pid {holder.get('pid')} on {holder.get('host')} "
+                f"(since {holder.get('started')}): that process is gone")
     with contextlib.suppress(FileNotFoundError):
         fs.rm(join(root, LOCKS, name), recursive=True)
 

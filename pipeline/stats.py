@@ -1,15 +1,17 @@
 """Stage 2 statistics of cached teacher logits: settings, output names, and the per-block kernels.
 
-Everything here is a pure function of numpy blocks; stages/compute_stats.py runs it with Dask over a
-store and writes the results into the store's `stats/` group. Formulas: docs/METHODS.md.
+The kernels are pure functions of numpy blocks; stages/compute_stats.py runs them with Dask over a
+store and writes the results into the store's `stats/` group. Formulas: docs/METHODS.md. At the end,
+what every reader of those arrays uses (stage 3, kdcache.dataset): `read_stat` finds a fresh array,
+`load_stat` reads it checked.
 
 The max-logit temperature and the WTTM power sum have their reference implementation in
-pipeline.losses (`max_logit_temperature`, `teacher_power_sum`: what stage 3 trains with). The kernel
+kdcache.losses (`max_logit_temperature`, `teacher_power_sum`: what stage 3 trains with). The kernel
 computes the same two values from intermediates it already has, because calling those functions per
 row costs half of stage 2's time (docs/BENCHMARKS.md, "Stage 2"): max_k |Z(z)_k| is reached at the
 largest or the smallest logit, so it is max(max - mean, mean - min) / (std + 1e-7) without a
 standardized (R, K) copy; U_gamma = sum_k exp(gamma * log_softmax(z)_k) reuses the log-softmax.
-tests/test_stats.py pins both to the pipeline.losses functions, so the two cannot drift apart.
+tests/test_stats.py pins both to the kdcache.losses functions, so the two cannot drift apart.
 
 Array names under `stats/` (one array per statistic and parameter setting, so new parameters add new
 arrays and never overwrite old ones). Per (sample, view) row, shape (N, V), float32 unless said:
@@ -42,15 +44,18 @@ Every array's attributes record its statistic, parameters and the fingerprint of
 from (see stages/compute_stats.py). Everything is computed in float32 whatever the stored dtype
 (exp overflows in float16); per-class sums accumulate in float64.
 """
+import shlex
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from pipeline.errors import UserError, is_int, is_number
-from pipeline.losses import MLT_CONSTANT
+from kdcache.errors import StoreDamage, UserError, is_int, is_number
+from kdcache.losses import MLT_CONSTANT
+from kdcache.sharing import open_overlay
+from kdcache.store import CacheStore, bad_values, reading, reading_metadata
 
-STD_EPS = 1e-7  # the epsilon of Z(z) = (z - mean) / (std + eps), as in pipeline.losses.standardize
+STD_EPS = 1e-7  # the epsilon of Z(z) = (z - mean) / (std + eps), as in kdcache.losses.standardize
 
 STD_CONVENTIONS = ("unbiased", "population")
 
@@ -251,9 +256,9 @@ def row_statistics(z: torch.Tensor, labels: torch.Tensor, outputs: list[Output],
             v = p["t_base"] * std(p["std"])
         elif s == "max_abs_zscore":
             v = max_abs_z(p["std"])
-        elif s == "mlt_temperature":  # = pipeline.losses.max_logit_temperature(z) (teacher variant)
+        elif s == "mlt_temperature":  # = kdcache.losses.max_logit_temperature(z) (teacher variant)
             v = MLT_CONSTANT * max_abs_z(p["std"])
-        elif s == "wttm_power_sum":  # = pipeline.losses.teacher_power_sum(z, gamma); each term <= 1
+        elif s == "wttm_power_sum":  # = kdcache.losses.teacher_power_sum(z, gamma); each term <= 1
             v = (p["gamma"] * _common(z, cache, "log_softmax")).exp().sum(dim=-1)
         else:
             raise ValueError(f"{s} is not a per-row statistic")
@@ -325,3 +330,70 @@ def class_statistics(bins: np.ndarray, probs, outputs: list[Output]) -> dict[str
         if probs is not None:
             values["class_mean_softmax"] = probs / count[:, None]
     return {o.name: values[o.statistic] for o in outputs if not o.per_row}
+
+
+# ---- reading a store's statistics (stage 3, kdcache.dataset, tests) -----------------------------------
+
+def read_stat(store: CacheStore, statistic: str, *, overlay=None, **params):
+    """The zarr array of `statistic` for `params` (t_base, std, gamma, ece_bins: those it depends on),
+    checked to come from this store's current logits; from the statistics overlay at `overlay` (a path
+    or URL, see compute_stats' `out`) when given, else from the store's own stats/ group.
+
+    E.g. read_stat(store, "mlt_temperature", std="unbiased"), read_stat(store, "wttm_power_sum",
+    gamma=0.1). Raises UserError naming the `kdcache stats` call that computes a missing or stale one.
+    """
+    o = output(statistic, **params)
+    root = store.group if overlay is None else open_overlay(overlay, store.fingerprint(), store.path)
+    with reading_metadata(overlay or store.path, "stats"):
+        group = root["stats"] if "stats" in root else None
+    state = "missing" if group is None else stat_state(group, o, store.fingerprint(), overlay or store.path)
+    if state == "fresh":
+        return group[o.name]
+    why = {"missing": "has no", "incomplete": "has an incomplete (interrupted)",
+           "stale": "has a stale (computed from other logits)"}[state]
+    where = f"store {store.path}" if overlay is None else f"statistics overlay {overlay}"
+    raise UserError(f"{where} {why} stats/{o.name}; compute it with: {stats_command(store.path, o, overlay)}")
+
+
+def load_stat(a, path) -> np.ndarray:
+    """A per-row statistics array of the store (or overlay) at `path` read whole, as stage 3 does, and checked as
+    read: StoreDamage for undecodable bytes or a NaN/Inf (statistics of finite logits are finite)."""
+    with reading(path, a, slice(0, a.shape[0])):
+        values = a[...]
+    problem = bad_values(a.path, values, 0, np.arange(len(values)))
+    if problem is not None:
+        raise StoreDamage(f"store {path}: {problem}: the statistics are damaged; run `kdcache verify {path}`, then "
+                          "recompute them (delete the array, then kdcache stats)")
+    return values
+
+
+def stats_command(path, o: Output, out=None) -> str:
+    """The exact `kdcache stats` call that computes output `o` (into the overlay `out`, if given)."""
+    flags = {"t_base": "--t-base", "std": "--std", "gamma": "--gamma", "ece_bins": "--ece-bins"}
+    args = [f"{flags[k]} {number_name(v) if isinstance(v, float) else v}" for k, v in o.params.items()]
+    into = ["--out", shlex.quote(str(out))] if out is not None else []
+    return " ".join(["kdcache stats", shlex.quote(str(path)), *into, "--stat", o.statistic, *args])
+
+
+def stat_state(group, o: Output, fingerprint: str, path) -> str:
+    """'fresh' | 'missing' | 'incomplete' | 'stale' for output `o` in the stats group of the store at `path`;
+    StoreDamage for damaged metadata, or a finished array of another data type than its statistic's."""
+    with reading_metadata(path, f"stats/{o.name}"):
+        if o.name not in group:
+            return "missing"
+        a = group[o.name]
+    attrs = a.attrs.asdict()
+    if "logits_fingerprint" not in attrs:
+        return "incomplete"
+    same = (attrs["logits_fingerprint"] == fingerprint and attrs.get("statistic") == o.statistic
+            and attrs.get("params") == o.params)
+    if same and str(a.dtype) != stat_dtype(o):
+        raise StoreDamage(f"store {path}: stats/{o.name}/zarr.json says data type {a.dtype}, but {o.statistic} is "
+                          f"{stat_dtype(o)}: its metadata was edited, every chunk would be misread; recompute it "
+                          f"(delete stats/{o.name}, then kdcache stats) or run `kdcache verify {path}`")
+    return "fresh" if same else "stale"
+
+
+def stat_dtype(o: Output) -> str:
+    """The data type of output `o`'s array."""
+    return {"top1_correct": "bool", "class_count": "int64"}.get(o.statistic, "float32" if o.per_row else "float64")

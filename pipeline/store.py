@@ -34,9 +34,10 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from pipeline.errors import StoreDamage, UserError, is_int
-from pipeline.losses import topk_compress, topk_logits
-from pipeline.sharing import (check_output, check_unlocked, filesystem, group_exists, is_read_only, join,
+from kdcache.config import first_difference
+from kdcache.errors import StoreDamage, UserError, is_int
+from kdcache.losses import topk_compress, topk_logits
+from kdcache.sharing import (check_output, check_unlocked, filesystem, group_exists, is_read_only, join,
                               local_path, open_group, protocol, reaching, remove)
 
 FORMAT = "kdcache-logit-cache"
@@ -382,7 +383,7 @@ def topk_index_dtype(num_classes: int) -> str:
 
 def topk_parts(logits: np.ndarray, k: int, dtype: str, rows_per_step: int = 4096) -> dict[str, np.ndarray]:
     """The top-k arrays of float32 logits (n, V, K), as `write_shard` takes them: values cast to the cache
-    `dtype`, indices in `topk_index_dtype`, rest_logmass float32 (pipeline.losses.topk_compress, a few
+    `dtype`, indices in `topk_index_dtype`, rest_logmass float32 (kdcache.losses.topk_compress, a few
     thousand rows at a time to bound its float64 temporaries)."""
     n, V, K = logits.shape
     flat = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32).reshape(n * V, K))
@@ -398,7 +399,7 @@ def topk_parts(logits: np.ndarray, k: int, dtype: str, rows_per_step: int = 4096
 
 def decode_logits(parts: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
     """float32 logits (..., K) of some rows from what the store holds for them: the logits themselves, or
-    their reconstruction from the top-k arrays (pipeline.losses.topk_logits; the arrays' names as keys)."""
+    their reconstruction from the top-k arrays (kdcache.losses.topk_logits; the arrays' names as keys)."""
     if "logits" in parts:
         return parts["logits"].astype(np.float32)
     logits = topk_logits(torch.from_numpy(np.ascontiguousarray(parts["topk_values"])),
@@ -592,16 +593,6 @@ def _put_documents(built: Path, location) -> None:
 _VOLATILE = ("software",)
 
 
-def manifest_difference(old: dict, new: dict, where: str = "") -> str:
+def manifest_difference(old: dict, new: dict) -> str:
     """'' when two manifests describe the same cache, else the first differing key and both values."""
-    for key in sorted(set(old) | set(new)):
-        if not where and key in _VOLATILE:
-            continue
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diff = manifest_difference(a, b, f"{where}{key}.")
-            if diff:
-                return diff
-        elif a != b:
-            return f"{where}{key}: {a!r} in the store, {b!r} now"
-    return ""
+    return first_difference(old, new, ignore=_VOLATILE, old_name="in the store")

@@ -26,8 +26,8 @@ from tqdm import tqdm
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from pipeline.errors import StoreDamage, UserError
-from pipeline.store import (DIGESTS, EMPTY, FORMAT, CacheStore, bad_digest, bad_values, chunks_of, crc_ok,
+from kdcache.errors import StoreDamage, UserError
+from kdcache.store import (DIGESTS, EMPTY, FORMAT, CacheStore, bad_digest, bad_values, chunks_of, crc_ok,
                             topk_index_dtype)
 
 
@@ -127,7 +127,7 @@ def verify_store(path, *, spot_check: int = 0, checkpoint=None, seed: int = 0, p
     array (stats/); completion; and with `spot_check` N > 0, the teacher in `checkpoint` re-run on N random
     (sample, view) pairs, which must match the stored logits within float16 rounding.
     """
-    from pipeline.views import ViewSpace  # torchvision: slow to import, and `kdcache info` does without
+    from kdcache.views import ViewSpace  # torchvision: slow to import, and `kdcache info` does without
 
     if spot_check and checkpoint is None:
         raise UserError("--spot-check needs --checkpoint: the teacher checkpoint the store was built with")
@@ -394,10 +394,10 @@ def _spot_check(store: CacheStore, n: int, checkpoint, seed: int, done: np.ndarr
     within float16 rounding (2^-10 of the row's largest |logit|, at least 2^-10)."""
     import torch
 
-    from pipeline.data import load_dataset
-    from pipeline.inference import model_logits
-    from pipeline.models import file_sha256, load_checkpoint
-    from pipeline.views import ViewSpace
+    from kdcache.data import load_dataset
+    from kdcache.inference import model_logits
+    from kdcache.models import file_sha256, load_checkpoint
+    from kdcache.views import ViewSpace
 
     m = store.manifest
     t, d = m["teacher"], m["dataset"]

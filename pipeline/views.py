@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from pipeline.errors import UserError
+from kdcache.errors import UserError
 
 KINDS = ("crop_flip", "resized_crop_flip", "center_crop")
 

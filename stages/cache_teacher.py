@@ -14,16 +14,16 @@ import torch
 import zarr
 from tqdm import tqdm
 
-import pipeline
-from pipeline.config import check_memory
-from pipeline.data import load_dataset
-from pipeline.errors import UserError, is_int
-from pipeline.files import disk_full
-from pipeline.inference import accuracy, model_logits
-from pipeline.models import load_checkpoint, select_device
-from pipeline.sharing import writer_lock
-from pipeline.store import CacheStore, logit_storage, topk_parts
-from pipeline.views import ViewSpace
+import kdcache
+from kdcache.config import check_memory
+from kdcache.data import load_dataset
+from kdcache.errors import UserError, is_int
+from kdcache.files import disk_full
+from kdcache.inference import accuracy, model_logits
+from kdcache.models import load_checkpoint, select_device
+from kdcache.sharing import writer_lock
+from kdcache.store import CacheStore, logit_storage, topk_parts
+from kdcache.views import ViewSpace
 
 
 def cache_teacher(cfg: dict, *, num_shards: int = 1, shard_index: int = 0, overwrite: bool = False,
@@ -56,7 +56,7 @@ def cache_teacher(cfg: dict, *, num_shards: int = 1, shard_index: int = 0, overw
         "preprocessing": {"mean": list(data.mean), "std": list(data.std), "resolution": space.output_size},
         "views": space.to_manifest(),
         "logits": logits_entry,
-        "software": {"kdcache": pipeline.__version__, "torch": torch.__version__, "zarr": zarr.__version__},
+        "software": {"kdcache": kdcache.__version__, "torch": torch.__version__, "zarr": zarr.__version__},
     }
     store = CacheStore.open_or_create(
         ccfg["store"], manifest, overwrite=overwrite, num_samples=len(data), num_views=space.num_views,

@@ -3,7 +3,7 @@
 The logits are read with `da.from_zarr` in blocks aligned with the store's shards: a block is a whole
 number of the store's chunks inside one shard (the whole shard when it holds at most 8 MiB of logits,
 see `block_samples`), so a task reads only its own chunks and its memory stays bounded whatever the
-layout stage 1 chose. Each block runs `pipeline.stats.block_statistics`. Per-row results go to (N, V)
+layout stage 1 chose. Each block runs `kdcache.stats.block_statistics`. Per-row results go to (N, V)
 arrays in the store's `stats/` group, laid out like the logits (a chunk per block, a shard per logits
 shard, each shard written by one task: no two tasks write the same file); per-class sums are added
 up in float64 along a fixed binary tree and written at the end. Array names and meanings: the
@@ -13,7 +13,7 @@ Every output array records in its attributes the statistic, its parameters (std 
 gamma, bins), and the fingerprint of the logits it was computed from (`CacheStore.fingerprint`). The
 fingerprint is written last, so an array without one is an interrupted computation. Re-running with the
 same settings does nothing; new settings add arrays; arrays from other logits (stale) are recomputed
-by `compute_stats` and refused by `read_stat`.
+by `compute_stats` and refused by `read_stat` (kdcache.stats).
 
 Consumers of a shared store need not write it: with `out`, the same stats/ arrays go to a separate
 statistics overlay store tied to the cache by its fingerprint (pipeline/sharing.py), which is how a
@@ -25,7 +25,6 @@ store at the same path (a shared file system) or URL (with the credentials in th
 have kdcache installed.
 """
 import contextlib
-import shlex
 from pathlib import Path
 
 import dask
@@ -34,14 +33,14 @@ import numpy as np
 import torch
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-import pipeline
-from pipeline.errors import StoreDamage, UserError
-from pipeline.files import disk_full
-from pipeline.stats import (STATISTICS, Output, block_statistics, check_settings, class_statistics,
-                            number_name, output, plan_outputs)
-from pipeline.sharing import ReadOnlyStore, open_overlay, writer_lock
-from pipeline.store import (CacheStore, bad_values, check_rows, chunks_of, decode_logits, reading,
-                            reading_metadata)
+import kdcache
+from kdcache.cluster import dask_client
+from kdcache.errors import UserError, is_int
+from kdcache.files import disk_full
+from kdcache.stats import (STATISTICS, Output, block_statistics, check_settings, class_statistics, plan_outputs,
+                            read_stat, stat_dtype, stat_state)
+from kdcache.sharing import ReadOnlyStore, open_overlay, writer_lock
+from kdcache.store import CacheStore, check_rows, chunks_of, decode_logits, reading
 
 COMPRESSORS = [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=4), Crc32cCodec()]
 
@@ -59,19 +58,23 @@ def compute_stats(path, settings: dict, *, out=None, scheduler: str | None = Non
     Returns {"store", "overlay", "computed", "stale" (recomputed because their logits changed),
     "up_to_date"}: lists of array names under stats/.
     """
+    if scheduler is not None and not (isinstance(scheduler, str) and scheduler):
+        raise UserError(f"stats.scheduler must be the address of a dask scheduler (e.g. tcp://host:8786), got {scheduler!r}")
+    if workers is not None and not is_int(workers, 1):
+        raise UserError(f"--workers must be >= 1, got {workers!r} (an integer: local worker processes; "
+                        "stats.workers in a config)")
     if scheduler and workers:
         raise UserError("give either --scheduler ADDRESS or --workers N, not both")
-    if workers is not None and workers < 1:
-        raise UserError(f"--workers must be >= 1, got {workers}")
     settings = check_settings(settings)
     store = CacheStore.open(path, mode="r" if out else "r+")
     _check_store(store)
-    root = store.group if out is None else open_overlay(out, store.fingerprint(), store.path, create=True)
     try:
         target = store.path if out is None else out
-        with disk_full(target, "the statistics finished before are kept; the unfinished ones have no fingerprint "
-                       "(refused by stage 3) and are recomputed next time"), writer_lock(target, "stats"):
-            return _compute(store, root, out, settings, scheduler, workers, progress)
+        with _scheduler(scheduler, workers, progress) as run:  # connect first: a refusal writes nothing
+            root = store.group if out is None else open_overlay(out, store.fingerprint(), store.path, create=True)
+            with disk_full(target, "the statistics finished before are kept; the unfinished ones have no "
+                           "fingerprint (refused by stage 3) and are recomputed next time"), writer_lock(target, "stats"):
+                return _compute(store, root, out, settings, run)
     except ReadOnlyStore as e:
         if out is not None:
             raise
@@ -79,10 +82,10 @@ def compute_stats(path, settings: dict, *, out=None, scheduler: str | None = Non
                         "OVERLAY.zarr` and train with `--stats OVERLAY.zarr`") from None
 
 
-def _compute(store: CacheStore, root, out, settings, scheduler, workers, progress) -> dict:
+def _compute(store: CacheStore, root, out, settings, run) -> dict:
     group = root.require_group("stats")
     fingerprint = store.fingerprint()
-    state = {o.name: _state(group, o, fingerprint, store.path if out is None else out) for o in plan_outputs(settings)}
+    state = {o.name: stat_state(group, o, fingerprint, store.path if out is None else out) for o in plan_outputs(settings)}
     todo = [o for o in plan_outputs(settings) if state[o.name] != "fresh"]
     summary = {"store": store.path, "overlay": out, "computed": [o.name for o in todo],
                "stale": [n for n, s in state.items() if s == "stale"],
@@ -90,57 +93,15 @@ def _compute(store: CacheStore, root, out, settings, scheduler, workers, progres
     if not todo:
         return summary
 
-    with _scheduler(scheduler, workers, progress) as run:  # connect first: then create the arrays
-        for o in todo:
-            _create(group, o, store)
-        run(_graph(store, group, todo, settings["ece_bins"]))
+    for o in todo:
+        _create(group, o, store)
+    run(_graph(store, group, todo, settings["ece_bins"]))
     record = {"logits_fingerprint": fingerprint, "logits_shape": list(store.logits_shape),
               "logits_dtype": str(next(iter(store.logit_arrays.values())).dtype), "computed_in": "float32",
-              "kdcache_version": pipeline.__version__}
+              "kdcache_version": kdcache.__version__}
     for o in todo:  # last: an array without a fingerprint is an interrupted run
         group[o.name].update_attributes(record)
     return summary
-
-
-def read_stat(store: CacheStore, statistic: str, *, overlay=None, **params):
-    """The zarr array of `statistic` for `params` (t_base, std, gamma, ece_bins: those it depends on),
-    checked to come from this store's current logits; from the statistics overlay at `overlay` (a path
-    or URL, see compute_stats' `out`) when given, else from the store's own stats/ group.
-
-    E.g. read_stat(store, "mlt_temperature", std="unbiased"), read_stat(store, "wttm_power_sum",
-    gamma=0.1). Raises UserError naming the `kdcache stats` call that computes a missing or stale one.
-    """
-    o = output(statistic, **params)
-    root = store.group if overlay is None else open_overlay(overlay, store.fingerprint(), store.path)
-    with reading_metadata(overlay or store.path, "stats"):
-        group = root["stats"] if "stats" in root else None
-    state = "missing" if group is None else _state(group, o, store.fingerprint(), overlay or store.path)
-    if state == "fresh":
-        return group[o.name]
-    why = {"missing": "has no", "incomplete": "has an incomplete (interrupted)",
-           "stale": "has a stale (computed from other logits)"}[state]
-    where = f"store {store.path}" if overlay is None else f"statistics overlay {overlay}"
-    raise UserError(f"{where} {why} stats/{o.name}; compute it with: {stats_command(store.path, o, overlay)}")
-
-
-def load_stat(a, path) -> np.ndarray:
-    """A per-row statistics array of the store (or overlay) at `path` read whole, as stage 3 does, and checked as
-    read: StoreDamage for undecodable bytes or a NaN/Inf (statistics of finite logits are finite)."""
-    with reading(path, a, slice(0, a.shape[0])):
-        values = a[...]
-    problem = bad_values(a.path, values, 0, np.arange(len(values)))
-    if problem is not None:
-        raise StoreDamage(f"store {path}: {problem}: the statistics are damaged; run `kdcache verify {path}`, then "
-                          "recompute them (delete the array, then kdcache stats)")
-    return values
-
-
-def stats_command(path, o: Output, out=None) -> str:
-    """The exact `kdcache stats` call that computes output `o` (into the overlay `out`, if given)."""
-    flags = {"t_base": "--t-base", "std": "--std", "gamma": "--gamma", "ece_bins": "--ece-bins"}
-    args = [f"{flags[k]} {number_name(v) if isinstance(v, float) else v}" for k, v in o.params.items()]
-    into = ["--out", shlex.quote(str(out))] if out is not None else []
-    return " ".join(["kdcache stats", shlex.quote(str(path)), *into, "--stat", o.statistic, *args])
 
 
 def plot_stats(path, settings: dict, out_dir, *, overlay=None) -> list[Path]:
@@ -291,30 +252,6 @@ def _check_store(store: CacheStore):
         raise UserError(f"store {store.path} has {store.num_classes} class(es); statistics need at least 2")
 
 
-def _state(group, o: Output, fingerprint: str, path) -> str:
-    """'fresh' | 'missing' | 'incomplete' | 'stale' for output `o` in the stats group of the store at `path`;
-    StoreDamage for damaged metadata, or a finished array of another data type than its statistic's."""
-    with reading_metadata(path, f"stats/{o.name}"):
-        if o.name not in group:
-            return "missing"
-        a = group[o.name]
-    attrs = a.attrs.asdict()
-    if "logits_fingerprint" not in attrs:
-        return "incomplete"
-    same = (attrs["logits_fingerprint"] == fingerprint and attrs.get("statistic") == o.statistic
-            and attrs.get("params") == o.params)
-    if same and str(a.dtype) != _dtype(o):
-        raise StoreDamage(f"store {path}: stats/{o.name}/zarr.json says data type {a.dtype}, but {o.statistic} is "
-                          f"{_dtype(o)}: its metadata was edited, every chunk would be misread; recompute it "
-                          f"(delete stats/{o.name}, then kdcache stats) or run `kdcache verify {path}`")
-    return "fresh" if same else "stale"
-
-
-def _dtype(o: Output) -> str:
-    """The data type of output `o`'s array."""
-    return {"top1_correct": "bool", "class_count": "int64"}.get(o.statistic, "float32" if o.per_row else "float64")
-
-
 def _create(group, o: Output, store: CacheStore):
     """An empty output array (replacing a stale or incomplete one) with its statistic and parameters."""
     N, V, K = store.logits_shape
@@ -326,7 +263,7 @@ def _create(group, o: Output, store: CacheStore):
     else:
         shape = {"class_mean_softmax": (K, K), "ece": ()}.get(o.statistic, (K,))
         chunks, dims = shape, {0: (), 1: ("class",), 2: ("class", "class")}[len(shape)]
-    dtype = _dtype(o)
+    dtype = stat_dtype(o)
     fill = {"bool": False, "int64": 0}.get(dtype, float("nan"))
     group.create_array(o.name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, fill_value=fill,
                        compressors=COMPRESSORS if o.per_row else [Crc32cCodec()], dimension_names=dims, overwrite=True,
@@ -346,19 +283,8 @@ def _scheduler(address, workers, progress):
                 dask.compute(*collections, scheduler="threads")
         yield run
         return
-    from distributed import Client, LocalCluster
     from distributed import progress as show_progress
-    with contextlib.ExitStack() as stack:
-        if address:
-            try:
-                client = stack.enter_context(Client(address, timeout="10s"))
-            except (OSError, TimeoutError, ValueError) as e:  # ValueError: not an address
-                raise UserError(f"cannot connect to the dask scheduler at {address}: {e}") from None
-        else:
-            cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                       dashboard_address=None))
-            client = stack.enter_context(Client(cluster))
-
+    with dask_client(address, workers) as client:
         def run(collections):
             futures = client.compute(collections)
             if progress:

@@ -32,9 +32,10 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from pipeline.config import load_config, merge, read_yaml
-from pipeline.errors import UserError, is_int
-from pipeline.losses import METHOD_PARAMS, check_params
+from kdcache.cluster import dask_client
+from kdcache.config import load_config, merge, read_yaml
+from kdcache.errors import UserError, is_int
+from kdcache.losses import METHOD_PARAMS, check_params
 
 GRID_KEYS = {"config", "set", "out", "students", "methods", "params", "seeds"}
 
@@ -134,7 +135,7 @@ def train_run(cfg: dict, threads: dict) -> dict:
     import torch
     from distributed import get_worker
 
-    from stages.train_student import train_student
+    from kdcache.stages.train_student import train_student
     torch.set_num_threads(threads.get(get_worker().address, 1))
     out = Path(cfg["train"]["out"])
     log_event(out, "start")
@@ -166,7 +167,7 @@ def run_grid(grid_path, *, workers: int | None = None, scheduler: str | None = N
     Writes config.json (the resolved config plus grid labels) into each run folder before it starts
     and error.txt when it fails; a failure never stops the other runs.
     """
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import as_completed
 
     grid = load_grid(grid_path)
     runs = expand_grid(grid)
@@ -194,16 +195,7 @@ def run_grid(grid_path, *, workers: int | None = None, scheduler: str | None = N
         print(f"grid {grid_path}: {len(runs)} runs, {len(skipped)} already finished, {len(todo)} to run"
               + (f", {len(failed)} invalid" if failed else ""), flush=True)
     if todo:
-        if scheduler:
-            try:
-                cluster, client = None, Client(scheduler, timeout="10s")
-            except (OSError, TimeoutError, ValueError) as e:
-                raise UserError(f"cannot connect to the dask scheduler at {scheduler}: {e}") from None
-        else:
-            n = workers or min(os.cpu_count() or 1, len(todo))
-            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0")
-            client = Client(cluster)
-        try:
+        with dask_client(scheduler, workers or min(os.cpu_count() or 1, len(todo))) as client:
             threads = thread_shares(client)
             futures = {client.submit(train_run, r["cfg"], threads, key=f"run-{r['key'][:16]}", pure=False): r
                        for r in todo}
@@ -217,10 +209,6 @@ def run_grid(grid_path, *, workers: int | None = None, scheduler: str | None = N
                     fail(Path(r["folder"]), text, failed)
                     bar.write(f"FAILED {r['label']} {r['student']} seed {r['seed']} ({r['folder']}): "
                               f"{text.strip().splitlines()[-1]}")
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
     trained = [r for r in todo if r["folder"] not in failed]
     return {"runs": len(runs), "done": len(trained), "skipped": len(skipped), "failed": failed, "out": str(out)}
 

@@ -29,7 +29,7 @@ epoch order shuffles blocks of randomly chosen chunks instead of all samples. St
 (N, V) arrays, a small fraction of the logits: they are always loaded.
 
 Run folder (`train.out`): metrics.jsonl (one line per epoch), checkpoint.pt (resume state, tensors
-and plain types only), student.pt (the final student, a pipeline.models checkpoint), result.json.
+and plain types only), student.pt (the final student, a kdcache.models checkpoint), result.json.
 """
 import json
 import math
@@ -42,17 +42,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import pipeline
-from pipeline.data import holdout, load_dataset
-from pipeline.errors import UserError, is_int, is_number
-from pipeline.files import disk_full, torch_bytes, write_atomic
-from pipeline.inference import accuracy
-from pipeline.losses import check_params, distill_loss
-from pipeline.models import build_model, load_checkpoint, save_checkpoint, select_device
-from stages.compute_stats import load_stat, read_stat
-from pipeline.sharing import enclosing_store, group_exists, open_overlay
-from pipeline.store import CacheStore, decode_logits
-from pipeline.views import ViewSpace, apply_views
+import kdcache
+from kdcache.config import first_difference
+from kdcache.data import holdout, load_dataset
+from kdcache.errors import UserError, is_int, is_number
+from kdcache.files import disk_full, torch_bytes, write_atomic
+from kdcache.inference import accuracy
+from kdcache.losses import check_params, distill_loss
+from kdcache.models import build_model, load_checkpoint, save_checkpoint, select_device
+from kdcache.dataset import block_shuffled, cached_stats, epoch_views, mix, store_bytes, view_subset
+from kdcache.sharing import enclosing_store, group_exists
+from kdcache.store import CacheStore, decode_logits
+from kdcache.views import ViewSpace, apply_views
 
 RUN_FORMAT = "kdcache-train-run-1"
 READ_ROWS = 4096  # rows per read of the in-memory and live sources (lets the next read overlap training)
@@ -193,7 +194,7 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
         "best_epoch": best["epoch"], "wall_seconds": wall,
         "train_seconds": sum(m["epoch_seconds"] for m in metrics),
         "device": str(device), "torch_threads": torch.get_num_threads(),
-        "software": {"kdcache": pipeline.__version__, "torch": torch.__version__},
+        "software": {"kdcache": kdcache.__version__, "torch": torch.__version__},
         "config": cfg,
     }
     with disk_full(out, f"the run folder keeps its checkpoint of epoch {metrics[-1]['epoch']}; no result.json"):
@@ -304,81 +305,12 @@ def open_store(path, data, views: dict) -> CacheStore:
     return store
 
 
-def cached_stats(store: CacheStore, method: str, params: dict, overlay=None) -> dict:
-    """The stage-2 arrays a method reads, by distill_loss's stats names, read whole and checked to be finite
-    (`load_stat`); UserError names the missing call.
-
-    From the statistics overlay at `overlay` (`kdcache stats STORE --out OVERLAY`, for stores one cannot
-    write) when given, else from the store itself. An overlay of another cache is refused even when the
-    method reads no statistics: the config names it, so it should be the right one.
-    """
-    if overlay is not None:
-        open_overlay(overlay, store.fingerprint(), store.path)
-    if method == "mlt":
-        std = "unbiased" if params["unbiased_std"] else "population"
-        return {"temperature": load_stat(read_stat(store, "mlt_temperature", overlay=overlay, std=std),
-                                         overlay or store.path)}
-    if method == "wttm":
-        return {"power_sum": load_stat(read_stat(store, "wttm_power_sum", overlay=overlay, gamma=params["gamma"]),
-                                       overlay or store.path)}
-    return {}
-
-
-def store_bytes(store: CacheStore) -> int:
-    """Memory the logits (or a top-k store's arrays) and view params take when loaded."""
-    return sum(a.nbytes for a in store.logit_arrays.values()) + store.views.nbytes
-
-
 # ---- per-epoch views and order ------------------------------------------------------------------
-
-def mix(*words) -> int | np.ndarray:
-    """A 64-bit hash of integers (splitmix64's finaliser, chained): deterministic and vectorised."""
-    h = np.zeros(1, np.uint64)
-    with np.errstate(over="ignore"):  # multiplication modulo 2^64 is the point
-        for w in words:
-            x = h ^ np.asarray(w).astype(np.uint64)
-            x = (x ^ (x >> 30)) * np.uint64(0xBF58476D1CE4E5B9)
-            x = (x ^ (x >> 27)) * np.uint64(0x94D049BB133111EB)
-            h = x ^ (x >> 31)
-    return int(h[0]) if all(np.ndim(w) == 0 for w in words) else h
-
-
-def epoch_views(n: int, num_views: int, seed: int, epoch: int) -> np.ndarray:
-    """The view index (n,) each sample uses in `epoch`.
-
-    Per sample and cycle of V epochs, the V views are ranked by a hash of (seed, cycle, sample, view);
-    epoch e takes rank e mod V. A pure function of its arguments, and no view repeats within a cycle.
-    """
-    cycle, rank = divmod(epoch, num_views)
-    keys = mix(seed, cycle, np.arange(n)[:, None], np.arange(num_views)[None, :])
-    return np.argpartition(keys, rank, axis=1)[:, rank].astype(np.int64)
-
-
-def view_subset(n: int, num_views: int, k: int, views_seed: int) -> np.ndarray:
-    """The fixed K of V view indices (n, K) each sample may use (`train.views_used`).
-
-    The K lowest-ranked views by a hash of (views seed, sample, view): random per sample, independent of
-    the training seed (like a store built with K views), and nested (the subset for K holds the one for K-1).
-    """
-    keys = mix(views_seed, 0x5EED, np.arange(n)[:, None], np.arange(num_views)[None, :])
-    return np.argsort(keys, axis=1, kind="stable")[:, :k].astype(np.int64)
-
 
 def shuffled(n: int, seed: int, epoch: int) -> list[np.ndarray]:
     """A random permutation of 0..n-1, cut into reads of READ_ROWS rows."""
     order = np.random.default_rng([seed, epoch]).permutation(n)
     return [order[i:i + READ_ROWS] for i in range(0, n, READ_ROWS)]
-
-
-def block_shuffled(n: int, seed: int, epoch: int, chunk: int, chunks_per_block: int) -> list[np.ndarray]:
-    """Blocks of `chunks_per_block` randomly chosen chunks of `chunk` rows, each block's rows shuffled."""
-    rng = np.random.default_rng([seed, epoch])
-    chunks = rng.permutation(math.ceil(n / chunk))
-    blocks = []
-    for i in range(0, len(chunks), chunks_per_block):
-        rows = np.concatenate([np.arange(c * chunk, min((c + 1) * chunk, n)) for c in chunks[i:i + chunks_per_block]])
-        blocks.append(rng.permutation(rows))
-    return blocks
 
 
 # ---- target sources: the same batches from memory, Zarr blocks, or live views -------------------
@@ -435,11 +367,14 @@ class MemoryTargets(Source):
 
 
 class ZarrTargets(Source):
-    """Logits and view params read from Zarr a block of chunks at a time (never row by row)."""
+    """Logits and view params read from Zarr a block of whole chunks at a time (never row by row), and checked as
+    read like MemoryTargets' (finite, in range, each chunk the one stage 1 wrote there): zarr decodes whole chunks
+    anyway, so holding them costs memory for one block, not extra reading."""
     kind = "zarr"
 
     def __init__(self, store: CacheStore, stats: dict, chunks_per_block: int):
         self.store, self.chunks_per_block = store, chunks_per_block
+        self.digests = store.recorded_digests()
         self.stats = {k: a[...] for k, a in stats.items()}
         self.stat_names = tuple(stats)
 
@@ -447,11 +382,17 @@ class ZarrTargets(Source):
         return block_shuffled(n, seed, epoch, self.store.labels.chunks[0], self.chunks_per_block)
 
     def read(self, rows, views, epoch=0):
-        """One coordinate selection per array (`CacheStore.read_views`: zarr decodes each chunk the block touches
-        once; the values are checked as read)."""
-        parts = {n: self.store.read_views(n, rows, views) for n in self.store.logit_arrays}
-        return {"params": self.store.read_views("views", rows, views),
-                "logits": decode_logits(parts, self.store.num_classes),
+        c, n = self.store.samples_per_chunk, self.store.views.shape[0]
+        chunks = np.unique(rows // c)
+        spans = [slice(int(k) * c, min((int(k) + 1) * c, n)) for k in chunks]
+        at = np.searchsorted(chunks, rows // c) * c + rows % c  # each row's place in the chunks read
+
+        def select(name):
+            whole = np.concatenate([self.store.read_rows(name, span, self.digests) for span in spans])
+            return whole[at, views]
+
+        parts = {name: select(name) for name in self.store.logit_arrays}
+        return {"params": select("views"), "logits": decode_logits(parts, self.store.num_classes),
                 **{k: a[rows, views] for k, a in self.stats.items()}}
 
 
@@ -527,18 +468,6 @@ def resume(out: Path, student, opt, cfg: dict, fingerprint):
     student.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     return list(state["metrics"]), float(state["wall_seconds"]), int(state["epoch"])
-
-
-def first_difference(old: dict, new: dict, where: str = "") -> str:
-    """'' when two configs are equal, else the first differing key with both values."""
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            if diff := first_difference(a, b, f"{where}{key}."):
-                return diff
-        elif a != b:
-            return f"{where}{key}: {a!r} there, {b!r} now"
-    return ""
 
 
 def make_run_folder(location) -> Path:

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.data import load_dataset
-from pipeline.errors import UserError, is_int, is_number
-from pipeline.inference import accuracy
-from pipeline.models import build_model, save_checkpoint, select_device
-from pipeline.views import ViewSpace, apply_views
+from kdcache.data import load_dataset
+from kdcache.errors import UserError, is_int, is_number
+from kdcache.inference import accuracy
+from kdcache.models import build_model, save_checkpoint, select_device
+from kdcache.views import ViewSpace, apply_views
 
 
 def train_teacher(cfg: dict, *, progress: bool = True) -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import load_config
+from kdcache.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke" / "synthetic.yaml"
@@ -17,7 +17,7 @@ SMOKE = REPO / "configs" / "smoke" / "synthetic.yaml"
 @pytest.fixture(scope="session")
 def teacher_ckpt(tmp_path_factory):
     """The smoke teacher, trained once per session by stage 0."""
-    from stages.train_teacher import train_teacher
+    from kdcache.stages.train_teacher import train_teacher
     path = tmp_path_factory.mktemp("teacher") / "tiny_teacher.pt"
     cfg = load_config(SMOKE, {"teacher": {"checkpoint": str(path)}})
     train_teacher(cfg, progress=False)
@@ -39,15 +39,15 @@ def write_config(cfg: dict, path: Path) -> Path:
 def kdcache(*args, **kw) -> subprocess.Popen:
     """Start the real CLI in a subprocess (as a user would run it)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-c", "from pipeline.cli import main; main()", *map(str, args)],
+    return subprocess.Popen([sys.executable, "-c", "from kdcache.cli import main; main()", *map(str, args)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
 @pytest.fixture(scope="session")
 def train_store_cfg(tmp_path_factory, teacher_ckpt):
     """The smoke train config (configs/smoke/train.yaml) with its store built and stage-2 statistics computed."""
-    from stages.cache_teacher import cache_teacher
-    from stages.compute_stats import compute_stats
+    from kdcache.stages.cache_teacher import cache_teacher
+    from kdcache.stages.compute_stats import compute_stats
     tmp = tmp_path_factory.mktemp("train_store")
     cfg = load_config(REPO / "configs" / "smoke" / "train.yaml",
                       {"teacher": {"checkpoint": str(teacher_ckpt)}, "cache": {"store": str(tmp / "cache.zarr")}})

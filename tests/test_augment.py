@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data import holdout, load_dataset
-from pipeline.errors import UserError
-from pipeline.views import ViewSpace
-from stages.train_student import epoch_views, train_student, view_subset
+from kdcache.data import holdout, load_dataset
+from kdcache.errors import UserError
+from kdcache.views import ViewSpace
+from kdcache.stages.train_student import epoch_views, train_student, view_subset
 from tests.test_train_student import run as steps_of  # (result, per-step records) of a run with overrides
 
 
@@ -101,7 +101,7 @@ def test_epoch_views_cover_the_subset_before_repeating():
 def test_cli_options_set_the_modes(cfg, tmp_path):
     from click.testing import CliRunner
 
-    from pipeline.cli import cli
+    from kdcache.cli import cli
     from tests.conftest import write_config
     path = write_config(cfg, tmp_path / "c.yaml")
     r = CliRunner().invoke(cli, ["train", "--config", str(path), "--augment", "fresh", "--views-used", "2"])

@@ -30,9 +30,9 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.models import build_model, save_checkpoint
-from pipeline.store import CacheStore
+from kdcache.cli import cli
+from kdcache.models import build_model, save_checkpoint
+from kdcache.store import CacheStore
 
 
 # ---- the shared, read-only inputs ---------------------------------------------------------------
@@ -50,7 +50,7 @@ class Env:
 
 
 def make_env(shared: Path, teacher: Path, train_cfg: dict) -> Env:
-    from pipeline.config import load_config
+    from kdcache.config import load_config
     from tests.conftest import SMOKE
     syn = load_config(SMOKE, {"teacher": {"checkpoint": str(teacher)}})
     real = CacheStore.open(train_cfg["cache"]["store"])
@@ -549,7 +549,7 @@ def train_random_run_checkpoint(env, tmp):
 
 @case("train", "run folder holding a run of another config", "holds a run with another config (train.lr: 0.2 there")
 def train_other_run(env, tmp):
-    from stages.train_student import RUN_FORMAT, run_config
+    from kdcache.stages.train_student import RUN_FORMAT, run_config
     other = copy.deepcopy(env.train)
     other["train"].update(out=str(tmp / "run"), lr=0.2)
     (tmp / "run").mkdir()
@@ -936,6 +936,34 @@ def config_nul_bytes(env, tmp):
     return ["config", "--config", text_file(tmp, "c.yaml", "train: {lr: 0.1}\n\x00\n")]
 
 
+# -- --set overrides (every command with --config) and models from elsewhere
+@case("config", "--set item without '=' (not KEY=VALUE)", "--set 'train.lr' must be KEY=VALUE")
+def set_not_key_value(env, tmp):
+    return ["config", "--set", "train.lr"]
+
+
+@case("train", "--set of an unknown (misspelt) key", "--set train.learning_rate: unknown config key 'train.learning_rate'")
+def set_unknown_key(env, tmp):
+    return ["train", "--config", train_config(env, tmp), "--set", "train.learning_rate=0.1"]
+
+
+@case("cache-teacher", "--set value that is not valid YAML", "--set 'cache.batch_size=[64': the value is not valid YAML")
+def set_bad_yaml(env, tmp):
+    return ["cache-teacher", "--config", syn_config(env, tmp), "--set", "cache.batch_size=[64"]
+
+
+@case("train", "student a python: factory whose module does not exist",
+      "cannot import no_such_package (No module named 'no_such_package')")
+def student_factory_missing(env, tmp):
+    return ["train", "--config", train_config(env, tmp, {"train.student": "python:no_such_package:net"})]
+
+
+@case("train-teacher", "teacher a timm: name timm does not have", "timm:resnet_of_doom is not a timm model")
+def teacher_timm_unknown(env, tmp):
+    return ["train-teacher", "--config", syn_config(env, tmp, {"teacher.arch": "timm:resnet_of_doom",
+                                                                "teacher.checkpoint": str(tmp / "t.pt")})]
+
+
 # ---- running a case ------------------------------------------------------------------------------
 
 PROGRESS = re.compile(r"\d+%\||\[\d\d:\d\d|% Completed|^grid .*: \d+ runs, ")  # progress bars; grid status
@@ -1054,10 +1082,10 @@ TABLE_START, TABLE_END = "<!-- bad-input table: start -->", "<!-- bad-input tabl
 def main():
     """Build the shared inputs as the test fixtures do (smoke teacher, store, statistics), run every case
     and print the table, or with `--write FILE` replace the table between FILE's markers."""
-    from pipeline.config import load_config
-    from stages.cache_teacher import cache_teacher
-    from stages.compute_stats import compute_stats
-    from stages.train_teacher import train_teacher
+    from kdcache.config import load_config
+    from kdcache.stages.cache_teacher import cache_teacher
+    from kdcache.stages.compute_stats import compute_stats
+    from kdcache.stages.train_teacher import train_teacher
     from tests.conftest import REPO, SMOKE
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)

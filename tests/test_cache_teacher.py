@@ -12,12 +12,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.data import load_dataset
-from pipeline.models import build_model, load_checkpoint, save_checkpoint
-from pipeline.store import CacheStore
-from pipeline.views import ViewSpace, apply_views
-from stages.cache_teacher import ShardWriter, cache_teacher
+from kdcache.cli import cli
+from kdcache.data import load_dataset
+from kdcache.models import build_model, load_checkpoint, save_checkpoint
+from kdcache.store import CacheStore
+from kdcache.views import ViewSpace, apply_views
+from kdcache.stages.cache_teacher import ShardWriter, cache_teacher
 from tests.conftest import REPO, kdcache, write_config
 
 
@@ -225,7 +225,7 @@ def test_two_processes_give_the_same_store_as_one(smoke_cfg, tmp_path):
     # the same under torchrun: ranks take their shards from WORLD_SIZE/RANK
     run_cfg, run_yaml = bigger(smoke_cfg, tmp_path, "torchrun")
     torchrun = Path(sys.executable).with_name("torchrun")
-    done = subprocess.run([torchrun, "--nproc-per-node", "2", "--no-python", sys.executable, "-m", "pipeline.cli",
+    done = subprocess.run([torchrun, "--nproc-per-node", "2", "--no-python", sys.executable, "-m", "kdcache.cli",
                            "cache-teacher", "--config", run_yaml], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert done.returncode == 0, done.stderr[-2000:]

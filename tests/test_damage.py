@@ -14,10 +14,10 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from pipeline.cli import cli, store_damage
-from pipeline.errors import StoreDamage
-from pipeline.verify import verify_store
-from stages.compute_stats import compute_stats
+from kdcache.cli import cli, store_damage
+from kdcache.errors import StoreDamage
+from kdcache.verify import verify_store
+from kdcache.stages.compute_stats import compute_stats
 from tests.conftest import write_config
 
 
@@ -105,6 +105,10 @@ def test_swapped_logit_shards_are_caught_by_verify_stats_and_train(copy, train_s
     assert "logits samples 32..47 are not" in line or "logits samples 96..111 are not" in line, line
     names(line, copy, "are not the rows written there")
     names(train(train_store_cfg, copy, tmp_path), copy, "logits samples 32..47 are not the rows written there")
+    # reading Zarr blocks (a store larger than memory) checks every chunk it reads too
+    line = train(train_store_cfg, copy, tmp_path, memory_gb=0.0)
+    assert "logits samples 32..47 are not" in line or "logits samples 96..111 are not" in line, line
+    names(line, copy, "are not the rows written there")
 
 
 def test_a_clean_store_says_its_rows_are_checked(train_store_cfg):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-from pipeline import data
-from pipeline.data import load_dataset, read_idx
-from pipeline.errors import UserError
+from kdcache import data
+from kdcache.data import load_dataset, read_idx
+from kdcache.errors import UserError
 
 # torchvision 0.29 deprecates its image codecs (in favour of torchcodec); they still work.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")

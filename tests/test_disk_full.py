@@ -50,13 +50,13 @@ def one_error_line(code, lines, error, crashed) -> str:
 def test_stage1_disk_full_keeps_the_recorded_shards_and_resumes(small_disk, tmp_path, teacher_ckpt):
     mount, grow = small_disk
     disk = mount(160 * 1024)  # the empty store and a few shards, not all 16
-    from pipeline.config import load_config
+    from kdcache.config import load_config
     cfg = load_config(SMOKE, {"teacher": {"checkpoint": str(teacher_ckpt)},
                               "cache": {"store": str(disk / "cache.zarr"), "samples_per_chunk": 16}})
     config = write_config(cfg, tmp_path / "c.yaml")
     error = one_error_line(*run(["cache-teacher", "--config", config]))
     assert str(disk / "cache.zarr") in error and "shards are written and recorded done" in error
-    from pipeline.store import CacheStore
+    from kdcache.store import CacheStore
     store = CacheStore.open(disk / "cache.zarr")
     assert store.status == "incomplete" and 0 < store.done().sum() < store.num_shards, error
     assert not leftovers(disk) and not (disk / "cache.zarr" / "locks" / "cache-teacher-0-of-1").exists()
@@ -77,8 +77,8 @@ def test_stage2_disk_full_keeps_finished_statistics_and_resumes(small_disk, trai
     grow(8 * 2**20)
     code, lines, _, crashed = run(args)
     assert code == 0 and crashed is None, lines
-    from stages.compute_stats import read_stat
-    from pipeline.store import CacheStore
+    from kdcache.stages.compute_stats import read_stat
+    from kdcache.store import CacheStore
     assert read_stat(CacheStore.open(store), "entropy", overlay=str(disk / "overlay.zarr")) is not None
 
 

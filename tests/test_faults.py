@@ -21,11 +21,11 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.config import DEFAULTS, load_config
-from pipeline.errors import UserError
-from pipeline.store import CacheStore
-from stages.compute_stats import compute_stats, read_stat
+from kdcache.cli import cli
+from kdcache.config import DEFAULTS, load_config
+from kdcache.errors import UserError
+from kdcache.store import CacheStore
+from kdcache.stages.compute_stats import compute_stats, read_stat
 from tests.conftest import REPO, SMOKE, kdcache, write_config
 
 pytestmark = pytest.mark.slow  # each test starts several Python processes that import torch (~4 s each)
@@ -301,8 +301,8 @@ def test_stage2_overlay_killed_while_created_and_mid_compute(tmp_path, stats_ref
 # the file-system observable of "the run is in the middle of an epoch". It changes nothing else.
 HOOKED = """
 import pathlib, sys
-import stages.train_student as stage
-from pipeline.cli import main
+import kdcache.stages.train_student as stage
+from kdcache.cli import main
 marks = pathlib.Path(sys.argv.pop(1))
 marks.mkdir(parents=True, exist_ok=True)
 train = stage.train_student

@@ -78,8 +78,8 @@ def read_shard_object(path: Path, n_inner: int) -> list[bytes | None]:
 @pytest.fixture(scope="module")
 def sampled_store(tmp_path_factory, teacher_ckpt):
     """configs/smoke/synthetic.yaml cut to 96 samples: 4 random views of 18 per sample, 3 shards of 32."""
-    from pipeline.config import load_config
-    from stages.cache_teacher import cache_teacher
+    from kdcache.config import load_config
+    from kdcache.stages.cache_teacher import cache_teacher
     path = tmp_path_factory.mktemp("format") / "store.zarr"
     cfg = load_config(SMOKE, {"teacher": {"checkpoint": str(teacher_ckpt)}, "dataset": {"subset": 96},
                               "cache": {"store": str(path), "samples_per_chunk": 16, "chunks_per_shard": 2}})
@@ -89,8 +89,8 @@ def sampled_store(tmp_path_factory, teacher_ckpt):
 
 def images_and_teacher(cfg, teacher_ckpt):
     """The data set's uint8 images (the store holds none) and the teacher, by kdcache code."""
-    from pipeline.data import load_dataset
-    from pipeline.models import load_checkpoint
+    from kdcache.data import load_dataset
+    from kdcache.models import load_checkpoint
     d = cfg["dataset"]
     data = load_dataset(d["name"], "train", root=d["root"], subset=d["subset"], **d["options"])
     teacher, _ = load_checkpoint(teacher_ckpt, device="cpu")

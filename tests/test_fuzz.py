@@ -16,7 +16,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import DEFAULTS
+from kdcache.config import DEFAULTS
 from tests.test_bad_input import Env, complete_stores, make_env, run, snapshot
 
 FAST_EXAMPLES, SLOW_EXAMPLES = 12, 260
@@ -152,10 +152,10 @@ def grid_case(env, tmp_path, grid_changes):
     grid = {"config": str(base), "out": str(tmp / "grid"), "students": ["fmnist_cnn"],
             "methods": {"kd": {"method": "kd"}}, "seeds": [0]}
     grid.update(grid_changes)
-    from stages.grid import expand_grid, load_grid
+    from kdcache.stages.grid import expand_grid, load_grid
     path = write(tmp, grid, "grid.yaml")
     # the grid's own checks only (a valid grid would start a dask cluster): a UserError or a list of runs
-    from pipeline.errors import UserError
+    from kdcache.errors import UserError
     before = snapshot(tmp)
     try:
         runs = expand_grid(load_grid(path))

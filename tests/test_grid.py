@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.errors import UserError
-from pipeline.report import write_report
-from stages.grid import expand_grid, load_grid, run_grid, run_key
+from kdcache.errors import UserError
+from kdcache.report import write_report
+from kdcache.stages.grid import expand_grid, load_grid, run_grid, run_key
 from tests.conftest import kdcache, write_config
 
 
@@ -171,7 +171,7 @@ def test_a_killed_grid_resumes_and_every_run_finishes_exactly_once(tmp_path, bas
 def test_report_and_grid_commands_refuse_mistakes_in_one_line(tmp_path):
     from click.testing import CliRunner
 
-    from pipeline.cli import cli
+    from kdcache.cli import cli
     r = CliRunner().invoke(cli, ["report", str(tmp_path)])
     assert r.exit_code == 1 and "not a grid folder" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(cli, ["grid", str(tmp_path / "missing.yaml")])

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.errors import UserError
-from pipeline.sharing import held_locks, writer_lock
-from pipeline.store import CacheStore
-from stages.cache_teacher import cache_teacher
+from kdcache.cli import cli
+from kdcache.errors import UserError
+from kdcache.sharing import held_locks, writer_lock
+from kdcache.store import CacheStore
+from kdcache.stages.cache_teacher import cache_teacher
 from tests.conftest import kdcache, write_config
 
 

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipeline.errors import UserError
-from pipeline.losses import (
+from kdcache.errors import UserError
+from kdcache.losses import (
     METHOD_PARAMS,
     adaptive_kd_loss,
     check_params,

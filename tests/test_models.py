@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from pipeline.errors import UserError
-from pipeline.models import (
+from kdcache.errors import UserError
+from kdcache.models import (
     CHECKPOINT_FORMAT, MODEL_NAMES, build_model, file_sha256, load_checkpoint, save_checkpoint, select_device,
 )
 
@@ -268,7 +268,7 @@ def test_file_sha256_streams_in_chunks(tmp_path):
     path = tmp_path / "blob"
     data = os.urandom(10_000)
     path.write_bytes(data)
-    assert file_sha256(path, chunk_bytes=333) == hashlib.sha256(data).hexdigest()
+    assert file_sha256(path) == hashlib.sha256(data).hexdigest()
     with pytest.raises(UserError, match="file not found"):
         file_sha256(tmp_path / "missing")
 

@@ -5,14 +5,14 @@ import sys
 
 import pytest
 
-from pipeline.files import write_atomic
+from kdcache.files import write_atomic
 from tests.conftest import REPO, SMOKE, write_config
 from tests.test_bad_input import run
 
 
 def test_overwrite_names_the_kdcache_store_it_deletes(tmp_path, teacher_ckpt):
-    from pipeline.config import load_config
-    from pipeline.store import CacheStore
+    from kdcache.config import load_config
+    from kdcache.store import CacheStore
     cfg = load_config(SMOKE, {"teacher": {"checkpoint": str(teacher_ckpt)}, "dataset": {"subset": 64},
                               "cache": {"store": str(tmp_path / "cache.zarr")}})
     assert run(["cache-teacher", "--config", write_config(cfg, tmp_path / "a.yaml")])[0] == 0
@@ -34,7 +34,7 @@ def test_write_atomic_replaces_whole_files_and_leaves_no_temporary_file(tmp_path
 
 
 def test_one_atomic_write_helper():
-    """Every writer that renames a temporary file into place goes through pipeline.files.write_atomic."""
+    """Every writer that renames a temporary file into place goes through kdcache.files.write_atomic."""
     users = [p for p in [*REPO.glob("pipeline/*.py"), *REPO.glob("stages/*.py")]
              if "os.replace(" in p.read_text() or "mkstemp(" in p.read_text()]
     assert [p.name for p in users] == ["files.py"]
@@ -42,8 +42,8 @@ def test_one_atomic_write_helper():
 
 PENDING = """
 import asyncio
-from pipeline.cli import cli
-from pipeline.errors import UserError
+from kdcache.cli import cli
+from kdcache.errors import UserError
 
 @cli.command("fail-pending")
 def fail_pending():

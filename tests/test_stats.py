@@ -9,13 +9,13 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.config import DEFAULTS
-from pipeline.errors import UserError
-from pipeline.losses import max_logit_temperature, standardize, teacher_power_sum
-from pipeline.stats import block_statistics, check_settings, number_name, output, plan_outputs
-from pipeline.store import CacheStore, manifest_sha256
-from stages.compute_stats import compute_stats, read_stat
+from kdcache.cli import cli
+from kdcache.config import DEFAULTS
+from kdcache.errors import UserError
+from kdcache.losses import max_logit_temperature, standardize, teacher_power_sum
+from kdcache.stats import block_statistics, check_settings, number_name, output, plan_outputs
+from kdcache.store import CacheStore, manifest_sha256
+from kdcache.stages.compute_stats import compute_stats, read_stat
 
 SETTINGS = dict(DEFAULTS["stats"], gammas=[0.1, 0.3, 1.0, 2.5])
 
@@ -139,7 +139,7 @@ def test_statistics_match_formulas(tmp_path, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_temperatures_and_power_sums_equal_the_training_losses(case):
-    """The kernel computes mlt and U_gamma from shared intermediates: pin them to pipeline.losses."""
+    """The kernel computes mlt and U_gamma from shared intermediates: pin them to kdcache.losses."""
     make, dtype, _ = CASES[case]
     rng = np.random.default_rng(len(case))
     logits = make(rng).astype(dtype)
@@ -276,7 +276,7 @@ def test_cli_computes_from_config_and_plots(tmp_path):
 
 def test_blocks_smaller_than_shards_give_the_same_statistics(tmp_path, monkeypatch):
     """Large shards are split into blocks of whole chunks; outputs are then sharded like the logits."""
-    import stages.compute_stats as stage
+    import kdcache.stages.compute_stats as stage
     rng = np.random.default_rng(6)
     logits, labels = rng.normal(0, 3, (70, 3, 20)).astype(np.float16), rng.integers(0, 20, 70)
     whole = make_store(tmp_path / "whole.zarr", logits, labels, samples_per_chunk=4, chunks_per_shard=8)

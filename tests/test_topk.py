@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.errors import UserError
-from pipeline.losses import check_params, distill_loss, topk_compress, topk_logits
-from pipeline.store import CacheStore, decode_logits, topk_index_dtype, topk_parts
-from stages.cache_teacher import cache_teacher
-from stages.compute_stats import compute_stats
-from stages.train_student import MemoryTargets, ZarrTargets, cached_stats, train_student
+from kdcache.config import load_config
+from kdcache.errors import UserError
+from kdcache.losses import check_params, distill_loss, topk_compress, topk_logits
+from kdcache.store import CacheStore, decode_logits, topk_index_dtype, topk_parts
+from kdcache.stages.cache_teacher import cache_teacher
+from kdcache.stages.compute_stats import compute_stats
+from kdcache.stages.train_student import MemoryTargets, ZarrTargets, cached_stats, train_student
 from tests.conftest import REPO
 
 K = 4  # the smoke teacher's classes
@@ -222,7 +222,7 @@ def test_k_of_K_minus_1_trains_like_the_full_store(stores, tmp_path):
 def test_cli_reports_a_topk_store(stores, tmp_path):
     from click.testing import CliRunner
 
-    from pipeline.cli import cli
+    from kdcache.cli import cli
     from tests.conftest import write_config
     config = write_config(stores["top2"], tmp_path / "top2.yaml")
     result = CliRunner().invoke(cli, ["cache-teacher", "--config", str(config)])

@@ -14,9 +14,9 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.errors import UserError
-from pipeline.verify import CorruptStore, store_info, verify_store
+from kdcache.cli import cli
+from kdcache.errors import UserError
+from kdcache.verify import CorruptStore, store_info, verify_store
 
 
 @pytest.fixture
@@ -204,7 +204,7 @@ def test_spot_check_matches_the_teacher(clean, teacher_ckpt):
 
 
 def test_spot_check_catches_permuted_rows(copy, teacher_ckpt):
-    from pipeline.store import chunk_crc32c
+    from kdcache.store import chunk_crc32c
     a = plain(copy, "logits")
     a[32:64] = a[32:64][::-1]  # valid chunks, finite values
     with pytest.raises(CorruptStore, match=r"logits samples 32\.\.47 are not the rows written there"):
@@ -257,8 +257,8 @@ def test_info_shows_stale_and_interrupted_statistics(copy):
 @pytest.fixture(scope="module")
 def topk_store(tmp_path_factory, teacher_ckpt):
     """configs/smoke/synthetic.yaml cut to 64 samples, stored as the top 2 of 4 logits (2 shards of 32)."""
-    from pipeline.config import load_config
-    from stages.cache_teacher import cache_teacher
+    from kdcache.config import load_config
+    from kdcache.stages.cache_teacher import cache_teacher
     from tests.conftest import SMOKE
     path = tmp_path_factory.mktemp("topk") / "store.zarr"
     cache_teacher(load_config(SMOKE, {"teacher": {"checkpoint": str(teacher_ckpt)}, "dataset": {"subset": 64},

@@ -10,8 +10,8 @@ from torchvision.transforms import v2 as T
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import UserError
-from pipeline.views import ViewSpace, apply_views
+from kdcache.errors import UserError
+from kdcache.views import ViewSpace, apply_views
 
 MEAN3, STD3 = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 
