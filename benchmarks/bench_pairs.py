@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdcache.losses import distill_loss
+from kdcache.methods import distill_loss
 from kdcache.models import build_model, select_device
 
 # name: (teacher, student, classes, channels, side, batch, cache schedule: views V, epochs E)
@@ -51,6 +51,7 @@ def step_seconds(teacher, student, opt, mode, x, y, bank, seconds) -> float:
     `seconds` have passed and at least 3 ran, so that short steps are averaged over many."""
     rows = torch.arange(len(x))
     i = timed = 0
+    start = time.perf_counter()  # restarted after the warm-up steps
     while timed < 3 or time.perf_counter() - start < seconds:
         if i == 2:
             start = time.perf_counter()

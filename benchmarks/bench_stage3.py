@@ -29,7 +29,9 @@ import torch
 from kdcache.config import load_config
 from kdcache.models import select_device
 from kdcache.store import CacheStore
-from kdcache.stages.train_student import MemoryTargets, ZarrTargets, epoch_views, store_bytes, train_student
+from kdcache.dataset import epoch_views, store_bytes
+from kdcache.stages.train_student import train_student
+from kdcache.targets import MemoryTargets, ZarrTargets
 
 
 class Enough(Exception):
@@ -61,7 +63,7 @@ def seconds_per_step(cfg: dict, skip: int, steps: int) -> tuple[float, float]:
 
 def kd_extra_seconds(store, kd: dict, n: int, views) -> float:
     """Per batch: what offline KD adds to a CE step (targets from memory, KD loss forward + backward)."""
-    from kdcache.losses import distill_loss
+    from kdcache.methods import distill_loss
 
     source = MemoryTargets(store, {})
     bs, K = kd["train"]["batch_size"], store.logits.shape[-1]

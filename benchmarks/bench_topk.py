@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kdcache.losses import max_logit_temperature  # noqa: E402
-from kdcache.store import CacheStore, decode_logits, topk_parts  # noqa: E402
+from kdcache.encodings import decode_logits, topk_parts  # noqa: E402
+from kdcache.store import CacheStore  # noqa: E402
 
 K, GROUP = 1000, 25
 KS = (1, 5, 10, 20, 50, 100, 200)

@@ -6,7 +6,7 @@ The API for training loops of your own (docs/API.md): `open_cache`, `CacheDatase
 __version__ = "0.1.0"
 
 _API = {"open_cache": "kdcache.dataset", "CacheDataset": "kdcache.dataset", "ChunkSampler": "kdcache.dataset",
-        "Loss": "kdcache.losses"}
+        "Loss": "kdcache.methods"}
 __all__ = list(_API)
 
 

@@ -60,7 +60,7 @@ DEFAULTS = {
     "train": {                        # stage 3 (kdcache train); checked by kdcache.stages.train_student.check_train
         "student": "fmnist_cnn",      # zoo name (pipeline/models.py), tv:NAME, timm:NAME or python:module:callable
         "method": "kd",               # ce | kd | ttm | wttm | dkd | mlt (formulas: pipeline/losses.py)
-        "params": {},                 # the method's hyper-parameters (losses.METHOD_PARAMS); missing = defaults
+        "params": {},                 # the method's hyper-parameters (pipeline/methods/); missing = defaults
         "online": False,              # true: run the teacher live instead of reading the cache
         "augment": "cached",          # cached: one of the V cached views per sample and epoch | fresh: a new
                                       # view from the whole view space every step (CE-only, online KD)

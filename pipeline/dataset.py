@@ -20,10 +20,11 @@ import torch.distributed as dist
 
 from kdcache.data import ImageDataset, load_dataset
 from kdcache.errors import StoreDamage, UserError, is_int, is_number
-from kdcache.losses import check_params
+from kdcache.methods import build
 from kdcache.sharing import group_exists, open_overlay
 from kdcache.stats import load_stat, read_stat
-from kdcache.store import CacheStore, bad_values, decode_logits, reading
+from kdcache.encodings import decode_logits
+from kdcache.store import CacheStore, bad_values, reading
 from kdcache.views import ViewSpace, apply_views
 
 MEMORY_GB = 4.0  # targets up to this size are loaded whole (stage 3's train.memory_gb default)
@@ -84,7 +85,7 @@ class Cache:
 
     def logits(self, samples, views=None) -> np.ndarray:
         """float32 teacher logits: (n, V, K) of sample ids `samples`, or (n, K) of view views[i] of samples[i]
-        (rebuilt from the top k in a top-k store, `kdcache.losses.topk_logits`)."""
+        (rebuilt from the top k in a top-k store, `kdcache.encodings.decode_logits`)."""
         return decode_logits(self._read(self.store.logit_arrays, samples, views), self.num_classes)
 
     def view_params(self, samples, views=None) -> np.ndarray:
@@ -166,7 +167,7 @@ class CacheDataset(torch.utils.data.Dataset):
         pre = cache.manifest["preprocessing"]
         self.mean, self.std = pre["mean"], pre["std"]
         store = cache.store
-        self.stats = {} if method is None else cached_stats(store, method, check_params(method, params), overlay)
+        self.stats = {} if method is None else cached_stats(store, build(method, params), overlay)
         self.targets = (*store.logit_arrays, "views")
         self.in_memory = store_bytes(store) <= memory_gb * 2**30
         self.loaded = cache.read_chunks(self.targets, slice(0, N)) if self.in_memory else None
@@ -327,9 +328,9 @@ def store_bytes(store: CacheStore) -> int:
     return sum(a.nbytes for a in store.logit_arrays.values()) + store.views.nbytes
 
 
-def cached_stats(store: CacheStore, method: str, params: dict, overlay=None) -> dict:
-    """The stage-2 arrays a method reads, by distill_loss's stats names, read whole and checked to be finite
-    (`load_stat`); UserError names the missing call.
+def cached_stats(store: CacheStore, method, overlay=None) -> dict:
+    """The stage-2 arrays a built method reads (its `statistics()`, by the names its loss reads them under), read
+    whole and checked to be finite (`load_stat`); UserError names the missing call.
 
     From the statistics overlay at `overlay` (`kdcache stats STORE --out OVERLAY`, for stores one cannot
     write) when given, else from the store itself. An overlay of another cache is refused even when the
@@ -337,11 +338,5 @@ def cached_stats(store: CacheStore, method: str, params: dict, overlay=None) -> 
     """
     if overlay is not None:
         open_overlay(overlay, store.fingerprint(), store.path)
-    if method == "mlt":
-        std = "unbiased" if params["unbiased_std"] else "population"
-        return {"temperature": load_stat(read_stat(store, "mlt_temperature", overlay=overlay, std=std),
-                                         overlay or store.path)}
-    if method == "wttm":
-        return {"power_sum": load_stat(read_stat(store, "wttm_power_sum", overlay=overlay, gamma=params["gamma"]),
-                                       overlay or store.path)}
-    return {}
+    return {name: load_stat(read_stat(store, stat, overlay=overlay, **options), overlay or store.path)
+            for name, (stat, options) in method.statistics().items()}

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import google_crc32c  # zarr's own crc32c implementation (a dependency of zarr)
 import numpy as np
-import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
@@ -36,7 +35,7 @@ from zarr.core.sync import sync
 
 from kdcache.config import first_difference
 from kdcache.errors import StoreDamage, UserError, is_int
-from kdcache.losses import topk_compress, topk_logits
+from kdcache.encodings import logit_array_names, logit_storage, topk_index_dtype
 from kdcache.sharing import (check_output, check_unlocked, filesystem, group_exists, is_read_only, join,
                               local_path, open_group, protocol, reaching, remove)
 
@@ -78,7 +77,7 @@ class CacheStore:
                             "from manifest_sha256), so it no longer says what the logits came from; restore "
                             "zarr.json or rebuild the store")
         self.views, self.labels, self.shard_done = (self.array(n) for n in ("views", "labels", "shard_done"))
-        # The arrays that hold the logits: {"logits"} or the top-k three; read them with `decode_logits`.
+        # The arrays that hold the logits: {"logits"} or the top-k three (kdcache.encodings reads them back).
         self.logit_arrays = {n: self.array(n) for n in logit_array_names(attrs["manifest"])}
         self.logits = self.logit_arrays.get("logits")  # None in a top-k store
         self.per_sample = {**self.logit_arrays, "views": self.views, "labels": self.labels}
@@ -219,6 +218,20 @@ class CacheStore:
         return (*self.views.shape[:2], self.num_classes)
 
     @property
+    def logits_dtype(self) -> np.dtype:
+        """The dtype the logit values are stored in (a top-k store's `topk_values`)."""
+        return next(iter(self.logit_arrays.values())).dtype
+
+    @property
+    def read_itemsize(self) -> int:
+        """Bytes per logit of rows as `decode_logits(..., keep_dtype=True)` gives them (top-k: rebuilt in float32)."""
+        return 4 if self.topk else self.logits_dtype.itemsize
+
+    def describe_logits(self) -> str:
+        """'logits (N, V, K) DTYPE', and the top-k storage of a top-k store: what a message says the store holds."""
+        return f"logits {self.logits_shape} {self.logits_dtype}" + (f", top-{self.topk} storage" if self.topk else "")
+
+    @property
     def topk(self) -> int | None:
         """k of a top-k store (`cache.topk`), None when it holds the full logits."""
         return None if self.logits is not None else self.logit_arrays["topk_values"].shape[-1]
@@ -281,8 +294,8 @@ class CacheStore:
     def write_shard(self, shard: int, logits: np.ndarray | dict, views: np.ndarray, labels: np.ndarray) -> None:
         """Write one whole shard, then record it done: a crash before the record means it is redone.
 
-        `logits`: the (n, V, K) logits, or for a top-k store a dict of its three arrays' rows
-        (`topk_parts`).
+        `logits`: the (n, V, K) logits of a full store, or a dict of the store's logit arrays' rows
+        (`kdcache.encodings.encode_logits`).
         """
         rows = self.shard_rows(shard)
         parts = logits if isinstance(logits, dict) else {"logits": logits}
@@ -354,58 +367,6 @@ def _build(path, manifest, n, v, k, p, dtype, chunk, shard):
     group.create_array(DIGESTS, shape=(-(-n // chunk), len(names)), dtype="uint32", chunks=(shard // chunk, len(names)),
                        fill_value=0, compressors=[Crc32cCodec()], dimension_names=("chunk", "array"),
                        attributes={"arrays": names})
-
-
-TOPK_ARRAYS = ("topk_values", "topk_indices", "rest_logmass")
-
-
-def logit_array_names(manifest: dict) -> tuple[str, ...]:
-    """The arrays that hold a store's logits, by its manifest's `logits.storage` ("full" when absent)."""
-    logits = manifest.get("logits")
-    return TOPK_ARRAYS if isinstance(logits, dict) and logits.get("storage") == "topk" else ("logits",)
-
-
-def logit_storage(manifest: dict, num_classes: int) -> int | None:
-    """k of the manifest's top-k storage (None: full logits); UserError unless 1 <= k < K."""
-    if logit_array_names(manifest) != TOPK_ARRAYS:
-        return None
-    k = manifest["logits"].get("k")
-    if not (is_int(k, 1) and k < num_classes):
-        raise UserError(f"cache.topk must be an integer in 1..{num_classes - 1} (the teacher has {num_classes} "
-                        f"classes) or null for the full logits, got {k!r}")
-    return k
-
-
-def topk_index_dtype(num_classes: int) -> str:
-    """Class indices of a top-k store: uint16 while they fit (K <= 65536), else uint32."""
-    return "uint16" if num_classes <= 2**16 else "uint32"
-
-
-def topk_parts(logits: np.ndarray, k: int, dtype: str, rows_per_step: int = 4096) -> dict[str, np.ndarray]:
-    """The top-k arrays of float32 logits (n, V, K), as `write_shard` takes them: values cast to the cache
-    `dtype`, indices in `topk_index_dtype`, rest_logmass float32 (kdcache.losses.topk_compress, a few
-    thousand rows at a time to bound its float64 temporaries)."""
-    n, V, K = logits.shape
-    flat = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32).reshape(n * V, K))
-    values = np.empty((n * V, k), dtype)
-    indices = np.empty((n * V, k), topk_index_dtype(K))
-    rest = np.empty(n * V, np.float32)
-    for s in range(0, n * V, rows_per_step):
-        v, i, r = topk_compress(flat[s:s + rows_per_step], k)
-        values[s:s + len(v)], indices[s:s + len(v)], rest[s:s + len(v)] = v.numpy(), i.numpy(), r.numpy()
-    return {"topk_values": values.reshape(n, V, k), "topk_indices": indices.reshape(n, V, k),
-            "rest_logmass": rest.reshape(n, V)}
-
-
-def decode_logits(parts: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
-    """float32 logits (..., K) of some rows from what the store holds for them: the logits themselves, or
-    their reconstruction from the top-k arrays (kdcache.losses.topk_logits; the arrays' names as keys)."""
-    if "logits" in parts:
-        return parts["logits"].astype(np.float32)
-    logits = topk_logits(torch.from_numpy(np.ascontiguousarray(parts["topk_values"])),
-                         torch.from_numpy(parts["topk_indices"].astype(np.int64)),
-                         torch.from_numpy(np.ascontiguousarray(parts["rest_logmass"])), num_classes)
-    return logits.numpy()
 
 
 # ---- checks of what a reader reads (cheap: on rows already in memory) ------------------------------

@@ -27,8 +27,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from kdcache.errors import StoreDamage, UserError
-from kdcache.store import (DIGESTS, EMPTY, FORMAT, CacheStore, bad_digest, bad_values, chunks_of, crc_ok,
-                            topk_index_dtype)
+from kdcache.encodings import topk_index_dtype
+from kdcache.store import DIGESTS, EMPTY, FORMAT, CacheStore, bad_digest, bad_values, chunks_of, crc_ok
 
 
 class CorruptStore(StoreDamage):

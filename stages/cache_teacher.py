@@ -22,7 +22,8 @@ from kdcache.files import disk_full
 from kdcache.inference import accuracy, model_logits
 from kdcache.models import load_checkpoint, select_device
 from kdcache.sharing import writer_lock
-from kdcache.store import CacheStore, logit_storage, topk_parts
+from kdcache.encodings import encode_logits, logits_entry
+from kdcache.store import CacheStore
 from kdcache.views import ViewSpace
 
 
@@ -37,7 +38,7 @@ def cache_teacher(cfg: dict, *, num_shards: int = 1, shard_index: int = 0, overw
     dcfg, ccfg = cfg["dataset"], check_cache(cfg["cache"])
     data = load_dataset(dcfg["name"], "train", root=dcfg["root"], subset=dcfg["subset"], **dcfg["options"])
     space = ViewSpace.from_config(cfg["views"], data.image_size)
-    logits_entry = _logits_entry(ccfg, data.num_classes)  # checks cache.topk before the teacher runs
+    entry = logits_entry(ccfg["dtype"], ccfg["topk"], data.num_classes)  # checks cache.topk before the teacher runs
     rows = ccfg["samples_per_chunk"] * ccfg["chunks_per_shard"]  # zarr holds a whole shard in memory
     check_memory(rows * space.num_views * 4 * (data.num_classes + space.num_params + 1) + 16 * ccfg["chunks_per_shard"],
                  f"a shard of cache.samples_per_chunk x cache.chunks_per_shard = {rows} samples x {space.num_views} views")
@@ -55,7 +56,7 @@ def cache_teacher(cfg: dict, *, num_shards: int = 1, shard_index: int = 0, overw
         "dataset": data.describe(),
         "preprocessing": {"mean": list(data.mean), "std": list(data.std), "resolution": space.output_size},
         "views": space.to_manifest(),
-        "logits": logits_entry,
+        "logits": entry,
         "software": {"kdcache": kdcache.__version__, "torch": torch.__version__, "zarr": zarr.__version__},
     }
     store = CacheStore.open_or_create(
@@ -77,7 +78,7 @@ def cache_teacher(cfg: dict, *, num_shards: int = 1, shard_index: int = 0, overw
                 params = space.sample_params(ids, _image_sizes(data, ids))
                 logits = model_logits(teacher, data, ids, params, space, batch_size=ccfg["batch_size"],
                                       device=device, amp=ccfg["amp"])
-                stored = _checked_cast(logits, ccfg["dtype"], shard, ccfg["topk"])
+                stored = _checked_cast(logits, entry, shard)
                 writer.put(shard, stored, params, data.labels[ids].astype(np.int32))
         store.mark_complete_if_done()
     return store
@@ -109,30 +110,15 @@ def _image_sizes(data, ids):
     return data.image_size if data.image_size is not None else data.image_sizes(ids)
 
 
-def _logits_entry(ccfg: dict, num_classes: int) -> dict:
-    """The manifest's `logits` entry: the dtype, plus storage "topk" and k for a top-k store (a full
-    store's entry has no `storage`, as before the option existed, so existing stores keep their
-    fingerprint)."""
-    if ccfg["topk"] is None:
-        return {"dtype": ccfg["dtype"]}
-    entry = {"dtype": ccfg["dtype"], "storage": "topk", "k": ccfg["topk"]}
-    logit_storage({"logits": entry}, num_classes)  # UserError unless 1 <= k < K
-    return entry
-
-
-def _checked_cast(logits: np.ndarray, dtype: str, shard: int, topk: int | None = None) -> np.ndarray | dict:
-    """Refuse NaN/Inf teacher outputs (and float16 overflow) instead of caching garbage; with `topk`,
-    the top-k arrays of the float32 logits (what `CacheStore.write_shard` takes)."""
+def _checked_cast(logits: np.ndarray, entry: dict, shard: int) -> dict:
+    """The arrays the store holds of the float32 logits (`encode_logits` by the manifest's `logits` entry, what
+    `CacheStore.write_shard` takes); refuse NaN/Inf teacher outputs (and float16 overflow) instead of caching garbage."""
     bad = int((~np.isfinite(logits)).sum())
     if bad:
         raise UserError(f"the teacher produced {bad} NaN/Inf logits in shard {shard}; nothing of it was "
                         "written and the store stays incomplete (check the checkpoint and input normalisation)")
-    if topk is not None:
-        stored = topk_parts(logits, topk, dtype)
-        over = int((~np.isfinite(stored["topk_values"])).sum())
-    else:
-        stored = logits.astype(dtype)
-        over = int((~np.isfinite(stored)).sum())
+    stored = encode_logits(logits, entry)
+    over = sum(int((~np.isfinite(v)).sum()) for v in stored.values() if v.dtype.kind == "f")
     if over:
         raise UserError(f"{over} logits in shard {shard} exceed the float16 range; "
                         "set cache.dtype: float32")

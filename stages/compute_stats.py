@@ -40,7 +40,8 @@ from kdcache.files import disk_full
 from kdcache.stats import (STATISTICS, Output, block_statistics, check_settings, class_statistics, plan_outputs,
                             read_stat, stat_dtype, stat_state)
 from kdcache.sharing import ReadOnlyStore, open_overlay, writer_lock
-from kdcache.store import CacheStore, check_rows, chunks_of, decode_logits, reading
+from kdcache.encodings import decode_logits
+from kdcache.store import CacheStore, check_rows, chunks_of, reading
 
 COMPRESSORS = [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=4), Crc32cCodec()]
 
@@ -97,7 +98,7 @@ def _compute(store: CacheStore, root, out, settings, run) -> dict:
         _create(group, o, store)
     run(_graph(store, group, todo, settings["ece_bins"]))
     record = {"logits_fingerprint": fingerprint, "logits_shape": list(store.logits_shape),
-              "logits_dtype": str(next(iter(store.logit_arrays.values())).dtype), "computed_in": "float32",
+              "logits_dtype": str(store.logits_dtype), "computed_in": "float32",
               "kdcache_version": kdcache.__version__}
     for o in todo:  # last: an array without a fingerprint is an interrupted run
         group[o.name].update_attributes(record)
@@ -171,7 +172,7 @@ def block_samples(store: CacheStore) -> int:
     """
     chunk, shard = store.labels.chunks[0], store.samples_per_shard
     _, V, K = store.logits_shape
-    itemsize = 4 if store.logits is None else store.logits.dtype.itemsize  # top-k: rebuilt in float32
+    itemsize = store.read_itemsize
     chunk_bytes = chunk * V * K * itemsize
     fit = max(1, BLOCK_BYTES // chunk_bytes)
     chunks_per_shard = shard // chunk
@@ -220,7 +221,7 @@ def _block(path, arrays: dict, rows: slice, chunk: int, digests: dict | None, nu
             values[name] = a[rows]
         check_rows(path, name, values[name], rows.start, num_classes, chunk, None if digests is None else digests[name])
     labels = values.pop("labels")
-    logits = values["logits"] if "logits" in values else decode_logits(values, num_classes)
+    logits = decode_logits(values, num_classes, keep_dtype=True)  # the kernel upcasts in small batches
     return block_statistics(logits, labels, outputs, ece_bins)
 
 

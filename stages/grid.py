@@ -35,7 +35,7 @@ from tqdm import tqdm
 from kdcache.cluster import dask_client
 from kdcache.config import load_config, merge, read_yaml
 from kdcache.errors import UserError, is_int
-from kdcache.losses import METHOD_PARAMS, check_params
+from kdcache.methods import METHODS, check_params
 
 GRID_KEYS = {"config", "set", "out", "students", "methods", "params", "seeds"}
 
@@ -105,7 +105,7 @@ def expand_grid(grid: dict) -> list[dict]:
         if not isinstance(train, dict) or {"method", "params", "out", "student"} & set(train):
             raise UserError(f"grid method {label!r}: `train` overrides the train section except method, params, "
                             f"student and out, got {train!r}")
-        swept = [a for a in axes if a in METHOD_PARAMS.get(method, {})]
+        swept = [a for a in axes if method in METHODS and a in METHODS[method].parameters]
         swept_somewhere.update(swept)
         for student, values, seed in itertools.product(students, itertools.product(*(axes[a] for a in swept)), seeds):
             chosen = dict(zip(swept, values))
@@ -126,7 +126,7 @@ def expand_grid(grid: dict) -> list[dict]:
     unused = [a for a in axes if a not in swept_somewhere]  # a typo would silently sweep nothing
     if unused:
         raise UserError(f"no method of the grid takes the swept parameter(s) {', '.join(map(str, unused))}; "
-                        "check the spelling (parameters per method: pipeline/losses.py)")
+                        "check the spelling (parameters per method: pipeline/methods/)")
     return runs
 
 

@@ -39,7 +39,7 @@ def write_config(cfg: dict, path: Path) -> Path:
 def kdcache(*args, **kw) -> subprocess.Popen:
     """Start the real CLI in a subprocess (as a user would run it)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-c", "from kdcache.cli import main; main()", *map(str, args)],
+    return subprocess.Popen([sys.executable, "-c", "from kdcache.stages.cli import main; main()", *map(str, args)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 

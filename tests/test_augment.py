@@ -8,7 +8,8 @@ import pytest
 from kdcache.data import holdout, load_dataset
 from kdcache.errors import UserError
 from kdcache.views import ViewSpace
-from kdcache.stages.train_student import epoch_views, train_student, view_subset
+from kdcache.dataset import epoch_views, view_subset
+from kdcache.stages.train_student import train_student
 from tests.test_train_student import run as steps_of  # (result, per-step records) of a run with overrides
 
 
@@ -101,7 +102,7 @@ def test_epoch_views_cover_the_subset_before_repeating():
 def test_cli_options_set_the_modes(cfg, tmp_path):
     from click.testing import CliRunner
 
-    from kdcache.cli import cli
+    from kdcache.stages.cli import cli
     from tests.conftest import write_config
     path = write_config(cfg, tmp_path / "c.yaml")
     r = CliRunner().invoke(cli, ["train", "--config", str(path), "--augment", "fresh", "--views-used", "2"])

@@ -30,7 +30,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from kdcache.cli import cli
+from kdcache.stages.cli import cli
 from kdcache.models import build_model, save_checkpoint
 from kdcache.store import CacheStore
 
@@ -549,7 +549,7 @@ def train_random_run_checkpoint(env, tmp):
 
 @case("train", "run folder holding a run of another config", "holds a run with another config (train.lr: 0.2 there")
 def train_other_run(env, tmp):
-    from kdcache.stages.train_student import RUN_FORMAT, run_config
+    from kdcache.rundir import RUN_FORMAT, run_config
     other = copy.deepcopy(env.train)
     other["train"].update(out=str(tmp / "run"), lr=0.2)
     (tmp / "run").mkdir()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from kdcache.cli import cli
+from kdcache.stages.cli import cli
 from kdcache.data import load_dataset
 from kdcache.models import build_model, load_checkpoint, save_checkpoint
 from kdcache.store import CacheStore
@@ -225,7 +225,7 @@ def test_two_processes_give_the_same_store_as_one(smoke_cfg, tmp_path):
     # the same under torchrun: ranks take their shards from WORLD_SIZE/RANK
     run_cfg, run_yaml = bigger(smoke_cfg, tmp_path, "torchrun")
     torchrun = Path(sys.executable).with_name("torchrun")
-    done = subprocess.run([torchrun, "--nproc-per-node", "2", "--no-python", sys.executable, "-m", "kdcache.cli",
+    done = subprocess.run([torchrun, "--nproc-per-node", "2", "--no-python", sys.executable, "-m", "kdcache.stages.cli",
                            "cache-teacher", "--config", run_yaml], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert done.returncode == 0, done.stderr[-2000:]

@@ -14,7 +14,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from kdcache.cli import cli, store_damage
+from kdcache.stages.cli import cli, store_damage
 from kdcache.errors import StoreDamage
 from kdcache.verify import verify_store
 from kdcache.stages.compute_stats import compute_stats

@@ -18,10 +18,11 @@ from kdcache.config import load_config
 from kdcache.data import load_dataset
 from kdcache.dataset import CacheDataset, ChunkSampler, block_shuffled, epoch_views, open_cache, view_subset
 from kdcache.errors import UserError
-from kdcache.losses import distill_loss
+from kdcache.methods import distill_loss
 from kdcache.stages.cache_teacher import cache_teacher
 from kdcache.stages.train_student import train_student
-from kdcache.store import CacheStore, decode_logits
+from kdcache.encodings import decode_logits
+from kdcache.store import CacheStore
 from kdcache.views import apply_views
 from tests.conftest import REPO
 

@@ -21,7 +21,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from kdcache.cli import cli
+from kdcache.stages.cli import cli
 from kdcache.config import DEFAULTS, load_config
 from kdcache.errors import UserError
 from kdcache.store import CacheStore
@@ -302,7 +302,7 @@ def test_stage2_overlay_killed_while_created_and_mid_compute(tmp_path, stats_ref
 HOOKED = """
 import pathlib, sys
 import kdcache.stages.train_student as stage
-from kdcache.cli import main
+from kdcache.stages.cli import main
 marks = pathlib.Path(sys.argv.pop(1))
 marks.mkdir(parents=True, exist_ok=True)
 train = stage.train_student

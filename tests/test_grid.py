@@ -171,7 +171,7 @@ def test_a_killed_grid_resumes_and_every_run_finishes_exactly_once(tmp_path, bas
 def test_report_and_grid_commands_refuse_mistakes_in_one_line(tmp_path):
     from click.testing import CliRunner
 
-    from kdcache.cli import cli
+    from kdcache.stages.cli import cli
     r = CliRunner().invoke(cli, ["report", str(tmp_path)])
     assert r.exit_code == 1 and "not a grid folder" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(cli, ["grid", str(tmp_path / "missing.yaml")])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from kdcache.cli import cli
+from kdcache.stages.cli import cli
 from kdcache.errors import UserError
 from kdcache.sharing import held_locks, writer_lock
 from kdcache.store import CacheStore

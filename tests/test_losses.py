@@ -11,10 +11,7 @@ from hypothesis.extra.numpy import arrays
 
 from kdcache.errors import UserError
 from kdcache.losses import (
-    METHOD_PARAMS,
     adaptive_kd_loss,
-    check_params,
-    distill_loss,
     dkd_loss,
     kd_loss,
     max_logit_temperature,
@@ -23,6 +20,7 @@ from kdcache.losses import (
     ttm_loss,
     wttm_loss,
 )
+from kdcache.methods import METHODS, check_params, distill_loss
 
 C = (1 + math.sqrt(3)) / 2
 
@@ -353,7 +351,7 @@ def test_check_params_fills_published_defaults():
     assert (dkd["alpha"], dkd["beta"], dkd["T"], dkd["warmup"], dkd["w_ce"]) == (1.0, 8.0, 4.0, 20, 1.0)
     assert check_params("ttm", {})["gamma"] == 0.1 and check_params("wttm", {})["gamma"] == 0.1
     assert check_params("mlt", {})["variant"] == "teacher"
-    for method in METHOD_PARAMS:
+    for method in METHODS:
         once = check_params(method, {})
         assert check_params(method, once) == once  # idempotent
 

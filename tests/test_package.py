@@ -13,7 +13,7 @@ def imports(tmp_path, module: str) -> subprocess.CompletedProcess:
 
 
 def test_kdcache_is_importable_and_pipeline_and_stages_are_not(tmp_path):
-    for module in ("kdcache", "kdcache.stages.train_student", "kdcache.cli"):
+    for module in ("kdcache", "kdcache.stages.train_student", "kdcache.stages.cli"):
         assert imports(tmp_path, module).returncode == 0, imports(tmp_path, module).stderr
     for module in ("pipeline", "stages"):
         done = imports(tmp_path, module)

@@ -42,7 +42,7 @@ def test_one_atomic_write_helper():
 
 PENDING = """
 import asyncio
-from kdcache.cli import cli
+from kdcache.stages.cli import cli
 from kdcache.errors import UserError
 
 @cli.command("fail-pending")

@@ -19,7 +19,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from kdcache.cli import cli
+from kdcache.stages.cli import cli
 from kdcache.errors import UserError
 from kdcache.sharing import OVERLAY_FORMAT, open_overlay, writer_lock
 from kdcache.store import CacheStore
@@ -225,7 +225,7 @@ def test_two_processes_write_one_s3_store(s3, smoke_cfg, tmp_path):
     url = "s3://team/two/cache.zarr"
     yaml_path = write_config(copy_cfg(smoke_cfg, store=url), tmp_path / "c.yaml")
     env = dict(os.environ, PYTHONPATH=str(REPO), **s3)
-    procs = [subprocess.Popen([sys.executable, "-m", "kdcache.cli", "cache-teacher", "--config", yaml_path,
+    procs = [subprocess.Popen([sys.executable, "-m", "kdcache.stages.cli", "cache-teacher", "--config", yaml_path,
                                "--num-shards", "2", "--shard-index", str(i)], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
     for p in procs:
@@ -241,7 +241,7 @@ def test_unreachable_s3_endpoint_is_one_line(tmp_path, train_store_cfg):
     env = dict(os.environ, PYTHONPATH=str(REPO), AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x",
                AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://127.0.0.1:{closed_port()}",
                AWS_MAX_ATTEMPTS="1")
-    done = subprocess.run([sys.executable, "-m", "kdcache.cli", "train", "--config",
+    done = subprocess.run([sys.executable, "-m", "kdcache.stages.cli", "train", "--config",
                            write_config(train_store_cfg, tmp_path / "c.yaml"), "--cache", "s3://team/x.zarr"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr

@@ -9,7 +9,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from kdcache.cli import cli
+from kdcache.stages.cli import cli
 from kdcache.config import DEFAULTS
 from kdcache.errors import UserError
 from kdcache.losses import max_logit_temperature, standardize, teacher_power_sum

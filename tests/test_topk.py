@@ -9,11 +9,14 @@ import torch
 
 from kdcache.config import load_config
 from kdcache.errors import UserError
-from kdcache.losses import check_params, distill_loss, topk_compress, topk_logits
-from kdcache.store import CacheStore, decode_logits, topk_index_dtype, topk_parts
+from kdcache.encodings import decode_logits, topk_compress, topk_index_dtype, topk_logits, topk_parts
+from kdcache.methods import build, distill_loss
+from kdcache.store import CacheStore
 from kdcache.stages.cache_teacher import cache_teacher
 from kdcache.stages.compute_stats import compute_stats
-from kdcache.stages.train_student import MemoryTargets, ZarrTargets, cached_stats, train_student
+from kdcache.dataset import cached_stats
+from kdcache.stages.train_student import train_student
+from kdcache.targets import MemoryTargets, ZarrTargets
 from tests.conftest import REPO
 
 K = 4  # the smoke teacher's classes
@@ -190,7 +193,7 @@ def test_stage3_targets_and_losses_equal_those_of_the_reconstruction(stores, met
     z_s = torch.randn(rows.size, K, generator=torch.Generator().manual_seed(1))
     y = torch.from_numpy(top.labels[...][rows]).long()
     for store in (top, rebuilt):  # the same loss from the top-k sources as from the rebuilt full store
-        stats = cached_stats(store, method, check_params(method, params))
+        stats = cached_stats(store, build(method, params))
         for source in (MemoryTargets(store, stats), ZarrTargets(store, stats, 2)):
             b = source.read(rows, views)
             np.testing.assert_allclose(b["logits"], want, rtol=1e-6)
@@ -222,7 +225,7 @@ def test_k_of_K_minus_1_trains_like_the_full_store(stores, tmp_path):
 def test_cli_reports_a_topk_store(stores, tmp_path):
     from click.testing import CliRunner
 
-    from kdcache.cli import cli
+    from kdcache.stages.cli import cli
     from tests.conftest import write_config
     config = write_config(stores["top2"], tmp_path / "top2.yaml")
     result = CliRunner().invoke(cli, ["cache-teacher", "--config", str(config)])

@@ -10,14 +10,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from kdcache.cli import cli
+from kdcache.stages.cli import cli
 from kdcache.config import load_config
 from kdcache.data import load_dataset
 from kdcache.errors import UserError
 from kdcache.store import CacheStore
 from kdcache.stages.cache_teacher import cache_teacher
-from kdcache.stages.train_student import (MemoryTargets, ZarrTargets, block_shuffled, epoch_views, learning_rate,
-                                  open_store, shuffled, train_student)
+from kdcache.dataset import block_shuffled, epoch_views
+from kdcache.stages.train_student import learning_rate, train_student
+from kdcache.targets import MemoryTargets, ZarrTargets, open_store, shuffled
 from tests.conftest import REPO, kdcache, write_config
 
 SMOKE_TRAIN = REPO / "configs" / "smoke" / "train.yaml"
@@ -122,8 +123,9 @@ def test_block_shuffle_covers_every_row_once_in_whole_chunks():
 def test_memory_and_zarr_blocks_give_the_same_batches(cfg):
     """Given the same order, both sources yield identical ids, views, params, logits and statistics."""
     store = CacheStore.open(cfg["cache"]["store"])
-    from kdcache.stages.train_student import cached_stats
-    stats = cached_stats(store, "wttm", {"gamma": 0.1})
+    from kdcache.dataset import cached_stats
+    from kdcache.methods import build
+    stats = cached_stats(store, build("wttm", {"gamma": 0.1}))
     memory, zarr_ = MemoryTargets(store, stats), ZarrTargets(store, stats, chunks_per_block=3)
     views = epoch_views(128, 18, 0, 5)
     blocks = zarr_.blocks(128, 0, 5)
@@ -323,7 +325,7 @@ def test_cli_trains_and_reports_errors_on_one_line(cfg, tmp_path):
 
 def test_shipped_training_configs_are_valid():
     """Every config under configs/train loads, passes the checks, and writes to a folder named after it."""
-    from kdcache.losses import check_params
+    from kdcache.methods import check_params
     from kdcache.stages.train_student import check_train
     paths = sorted((REPO / "configs" / "train").rglob("*.yaml"))
     # 9 methods x (Fashion-MNIST + 4 CIFAR-100 pairs), + TTM with a weight matched to WTTM's (docs/RESULTS.md),

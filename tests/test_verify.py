@@ -14,7 +14,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from kdcache.cli import cli
+from kdcache.stages.cli import cli
 from kdcache.errors import UserError
 from kdcache.verify import CorruptStore, store_info, verify_store
 

@@ -129,8 +129,7 @@ def cache_teacher_cmd(config_path, sets, device, out, checkpoint, batch_size, nu
     store = cache_teacher(cfg, num_shards=n, shard_index=i, overwrite=overwrite)
     done = int(store.done().sum())
     click.echo(f"{store.path}: {done}/{store.num_shards} shards done, status {store.status}; "
-               f"logits {store.logits_shape} {next(iter(store.logit_arrays.values())).dtype}"
-               + (f", top-{store.topk} storage" if store.topk else ""))
+               f"{store.describe_logits()}")
 
 
 @cli.command("config")

@@ -1,0 +1,47 @@
+"""What every distillation method is: parameters with published defaults and their checks, the stage-2
+statistics it reads, and its loss. A run builds its method once; the per-step `loss` checks nothing."""
+from kdcache.errors import UserError, is_int, is_number
+
+# The checks a parameter's value passes: (is it valid, what it must be, normalise).
+POSITIVE = (lambda v: is_number(v) and v > 0, "a number > 0", float)
+NON_NEGATIVE = (lambda v: is_number(v) and v >= 0, "a number >= 0", float)
+FLAG = (lambda v: isinstance(v, bool), "true or false", bool)
+EPOCHS = (lambda v: is_int(v, 0), "an integer >= 0 (epochs)", int)
+
+
+class Method:
+    """A method: `parameters` maps each name to (published default, check); `ls_defaults` are the defaults that
+    `standardize: true` (LS) changes. The training loss is w_ce * CE + w_kd * loss(...), so every method has
+    w_ce and every distilling one w_kd.
+
+    Building checks `params` and fills in the defaults (UserError on a mistake): `self.params`.
+    """
+
+    parameters = {}
+    ls_defaults = {}
+
+    def __init__(self, name, params=None):
+        params = dict(params or {})
+        unknown = sorted(set(params) - set(self.parameters))
+        if unknown:
+            raise UserError(f"unknown parameter(s) {', '.join(unknown)} for method {name!r}; "
+                            f"allowed: {', '.join(self.parameters)}")
+        defaults = {k: default for k, (default, _) in self.parameters.items()}
+        if params.get("standardize") is True:
+            defaults.update(self.ls_defaults)
+        self.name, self.params = name, {}
+        for k, value in {**defaults, **params}.items():
+            valid, must_be, normalise = self.parameters[k][1]
+            if not valid(value):
+                raise UserError(f"method {name!r}: parameter {k}={value!r} must be {must_be}")
+            self.params[k] = normalise(value)
+
+    def statistics(self):
+        """The stage-2 statistics `loss` reads: {its name in `stats`: (statistic, options of
+        kdcache.stats.read_stat)}. Stage 3 reads them per row from the store; none by default."""
+        return {}
+
+    def loss(self, z_s, z_t, labels, stats, epoch):
+        """L_distill (without CE and w_kd) of raw student / teacher logits (B, K); labels (B,); stats: per-row
+        tensors by `statistics`' names (computed from z_t where missing); epoch counts from 1."""
+        raise NotImplementedError
