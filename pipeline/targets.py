@@ -59,12 +59,15 @@ class Targets:
     def __init__(self, source: "Source", space: ViewSpace):
         self.source, self.space = source, space
 
-    def batches(self, data, views: np.ndarray, batch_size: int, seed: int, epoch: int, device):
-        """The epoch's batches: {ids, views (numpy), x (the replayed views), y, z_t, stats (by distill_loss's
-        names)}, in the order `source.blocks` gives."""
+    def batches(self, data, views: np.ndarray, batch_size: int, seed: int, epoch: int, device, rank=0, world=1):
+        """The epoch's batches: {ids, views (numpy), x (the replayed views), y, z_t, stats (by the method's
+        names)}, in the order `source.blocks` gives. With `world` processes this one reads and trains on rows
+        rank, rank + world, ... of every read, in batches of batch_size / world: the ranks' batches together
+        are the one process's batches (when reads hold multiples of `world` rows)."""
         labels = torch.from_numpy(data.labels)
         source = self.source
-        for b in source.batches(source.blocks(len(data), seed, epoch), views, batch_size, epoch):
+        blocks = [rows[rank::world] for rows in source.blocks(len(data), seed, epoch)]
+        for b in source.batches(blocks, views, batch_size // world, epoch):
             x = apply_views(batch_images(data, b["ids"], device), b["params"], self.space, data.mean, data.std)
             yield {"ids": b["ids"], "views": b["views"], "x": x, "y": labels[torch.from_numpy(b["ids"])].to(device),
                    "z_t": self.teacher_logits(b, x, device),

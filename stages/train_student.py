@@ -19,13 +19,21 @@ saving RNG states.
 
 `train.validation: M` evaluates on the last M training images instead of the test split, for
 choosing settings without looking at test accuracy (the training subset must stop before them).
+
+Several processes (`torchrun --nproc-per-node N kdcache train ...`): DistributedDataParallel, gloo on CPUs,
+nccl on GPUs. Every rank walks the same epoch order and takes rows rank, rank + N, ... of each read, in
+batches of batch_size / N, so the ranks' batches together are one process's batches and the averaged
+gradients its gradients (tests/test_ddp.py: the same student as one process). Rank 0 writes the run folder.
 """
 import math
+import os
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import kdcache
@@ -51,7 +59,7 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
     t = check_train(cfg["train"])
     method = build(t["method"], t["params"])  # parameters checked and defaults filled in, once
     params = method.params
-    device = select_device(cfg["device"])
+    device, rank, world = processes(select_device(cfg["device"]), t["batch_size"])
     d = cfg["dataset"]
     data = load_dataset(d["name"], "train", root=d["root"], subset=d["subset"], **d["options"])
     if t["validation"] is None:
@@ -67,6 +75,7 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
     torch.manual_seed(cfg["seed"])
     student = build_model(t["student"], data.num_classes, data.channels, image_size=space.output_size[0]).to(device)
     opt = make_optimizer(student, t)
+    model = DDP(student) if world > 1 else student  # averages the ranks' gradients: those of the whole batch
     out = make_run_folder(t["out"])  # now, not after the first epoch
     metrics, wall, first_epoch = resume(out, student, opt, cfg, fingerprint)
 
@@ -90,7 +99,7 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
                 views = subset[np.arange(N), views]
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, ce, kd, correct (summed over samples)
         epoch_start = time.perf_counter()
-        bar = tqdm(source.batches(data, views, bs, seed, epoch, device), total=steps, leave=False,
+        bar = tqdm(source.batches(data, views, bs, seed, epoch, device, rank, world), total=steps, leave=False,
                    desc=f"stage 3 epoch {epoch + 1}/{t['epochs']}",
                    disable=None if progress else True)  # None: no bar when stderr is not a terminal (logs)
         for step, b in enumerate(bar):
@@ -98,7 +107,7 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
             for group in opt.param_groups:
                 group["lr"] = lr
             y = b["y"]
-            z_s = student(b["x"])
+            z_s = model(b["x"])
             ce = F.cross_entropy(z_s, y)
             kd = method.loss(z_s, b["z_t"], y, b["stats"], epoch + 1)  # CE: zero
             loss = w_ce * ce + w_kd * kd
@@ -113,6 +122,8 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
                 on_step({"epoch": epoch, "step": step, "ids": b["ids"], "views": b["views"],
                          "loss": loss.item(), "ce": ce.item(), "kd": kd.item()})
         train_seconds = time.perf_counter() - epoch_start
+        if world > 1:
+            dist.all_reduce(sums)  # every rank's samples
         loss_sum, ce_sum, kd_sum, correct = (sums / N).tolist()
         if not math.isfinite(loss_sum):
             raise UserError(f"the training loss is not finite in epoch {epoch + 1} ({method.name}, lr {t['lr']}); "
@@ -127,9 +138,10 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
                         "train_ce": ce_sum, "train_kd": kd_sum, "train_accuracy": correct,
                         "test_accuracy": test_acc, "epoch_seconds": train_seconds,
                         "eval_seconds": now - eval_start, "samples_per_second": N / train_seconds})
-        save_run(out, epoch=epoch + 1, cfg=cfg, fingerprint=fingerprint, student=student, opt=opt,
-                 metrics=metrics, wall=wall)
-        if progress:
+        if rank == 0:
+            save_run(out, epoch=epoch + 1, cfg=cfg, fingerprint=fingerprint, student=student, opt=opt,
+                     metrics=metrics, wall=wall)
+        if progress and rank == 0:
             print(f"epoch {epoch + 1}/{t['epochs']}: loss {loss_sum:.4f}, train acc {correct:.4f}, "
                   f"test acc {test_acc:.4f} ({train_seconds:.1f} s)", flush=True)
 
@@ -141,10 +153,12 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
         "last_accuracy": metrics[-1]["test_accuracy"], "best_accuracy": best["test_accuracy"],
         "best_epoch": best["epoch"], "wall_seconds": wall,
         "train_seconds": sum(m["epoch_seconds"] for m in metrics),
-        "device": str(device), "torch_threads": torch.get_num_threads(),
+        "device": str(device), "processes": world, "torch_threads": torch.get_num_threads(),
         "software": {"kdcache": kdcache.__version__, "torch": torch.__version__},
         "config": cfg,
     }
+    if rank != 0:  # rank 0 writes the run folder
+        return result
     with disk_full(out, f"the run folder keeps its checkpoint of epoch {metrics[-1]['epoch']}; no result.json"):
         save_checkpoint(out / "student.pt", student.cpu(), arch=t["student"], num_classes=data.num_classes,
                         in_channels=data.channels, image_size=space.output_size[0],
@@ -152,6 +166,26 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
                               "store_fingerprint": fingerprint, "dataset": data.describe()})
     save_result(out, metrics, result)
     return result
+
+
+def processes(device: torch.device, batch_size: int) -> tuple[torch.device, int, int]:
+    """(device, rank, world size). Under torchrun (WORLD_SIZE > 1) the process group starts here, gloo on CPUs,
+    nccl on GPUs with GPU LOCAL_RANK; each rank then trains on its share of every batch (one process: 0, 1)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not world.isdigit() or int(world) < 1:
+        raise UserError(f"WORLD_SIZE={world!r} (from torchrun) must be an integer >= 1")
+    world = int(world)
+    if world == 1:
+        return device, 0, 1
+    if batch_size % world:
+        raise UserError(f"train.batch_size {batch_size} must be a multiple of the {world} processes: each takes an "
+                        "equal share of every batch")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank(), dist.get_world_size()
 
 
 # ---- configuration ------------------------------------------------------------------------------
