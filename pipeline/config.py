@@ -44,6 +44,7 @@ DEFAULTS = {
         "chunks_per_shard": 16,       # shard = the unit of work, resume and ownership between processes
         "batch_size": 512,            # teacher batch, in (sample, view) images
         "amp": False,                 # CUDA only: run the teacher under float16 autocast
+        "workers": 0,                 # DataLoader processes decoding images and replaying views (0: in process)
         "stats": None,                # statistics overlay (kdcache stats STORE --out OVERLAY); None: the store itself
         "topk": None,                 # k: store only the k largest logits per row + the log of the rest's
                                       # softmax mass (large K; docs/BENCHMARKS.md "Top-k storage"); None: all

@@ -85,6 +85,13 @@ class ImageDataset:
         except (RuntimeError, OSError, ValueError) as e:
             raise UserError(f"cannot decode image {path}: {e}") from None
 
+    def batch(self, idx):
+        """uint8 images of the sample ids `idx`: a (B, C, H, W) tensor for fixed-size sets, a list of (C, H, W)
+        tensors for image folders (decoded here: in a DataLoader worker, off the training process)."""
+        if self._pixels is not None:
+            return self.images(idx)
+        return [self.image(int(i)) for i in np.asarray(idx).reshape(-1)]
+
     def image_sizes(self, idx) -> list[tuple[int, int]]:
         """(H, W) per sample id; image folders read only the file headers."""
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)

@@ -195,7 +195,7 @@ class CacheDataset(torch.utils.data.Dataset):
         ids = np.asarray(indices, dtype=np.int64)
         views = self.views[ids]
         target = self._targets(ids, views)
-        images = self.data.images(ids) if self.data.image_size is not None else [self.data.image(i) for i in ids]
+        images = self.data.batch(ids)
         x = apply_views(images, target["views"], self.cache.space, self.mean, self.std)
         logits = torch.from_numpy(decode_logits(target, self.cache.num_classes))
         labels = torch.from_numpy(self.data.labels[ids])

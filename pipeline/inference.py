@@ -1,42 +1,56 @@
 """Running a model over (sample, view) pairs: the one path by which every stage gets a model's logits
-for cached views (stage 1 caching, evaluation, online KD's live teacher, verify's spot checks)."""
+for cached views (stage 1 caching, evaluation, verify's spot checks)."""
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from kdcache.views import apply_views
 
 
-def view_batches(dataset, ids: np.ndarray, params: np.ndarray, space, batch_size: int):
-    """Yield (row slice, normalised input batch) over the flattened (sample, view) rows of `ids` x V.
+class ViewRows(Dataset):
+    """The (sample, view) rows of `ids` x V as normalised inputs, row r = sample ids[r // V], view r % V, with
+    `params` (n, V, P). A DataLoader fetches a batch of rows through `__getitems__`: each image the batch needs
+    is read (an image folder's: decoded) once and its views replayed by `apply_views`, in DataLoader workers
+    when it has some, so that the process running the model never waits on decoding."""
 
-    `params` is (n, V, P); row r is sample ids[r // V], view r % V. Images are read once per call.
-    """
-    n, v, _ = params.shape
-    flat = params.reshape(n * v, -1)
-    fixed = dataset.image_size is not None
-    images = dataset.images(ids) if fixed else [dataset.image(int(i)) for i in ids]
-    for start in range(0, n * v, batch_size):
-        rows = np.arange(start, min(start + batch_size, n * v))
-        owner = rows // v
-        batch = images[torch.from_numpy(owner)] if fixed else [images[i] for i in owner]
-        yield slice(rows[0], rows[-1] + 1), apply_views(batch, flat[rows], space, dataset.mean, dataset.std)
+    def __init__(self, dataset, ids: np.ndarray, params: np.ndarray, space):
+        self.dataset, self.ids, self.space = dataset, np.asarray(ids), space
+        self.num_views = params.shape[1]
+        self.params = params.reshape(len(self.ids) * self.num_views, -1)
+
+    def __len__(self):
+        return len(self.params)
+
+    def __getitems__(self, rows) -> torch.Tensor:
+        rows = np.asarray(rows)
+        samples, owner = np.unique(rows // self.num_views, return_inverse=True)
+        images = self.dataset.batch(self.ids[samples])
+        batch = images[torch.from_numpy(owner)] if torch.is_tensor(images) else [images[k] for k in owner]
+        return apply_views(batch, self.params[rows], self.space, self.dataset.mean, self.dataset.std)
+
+
+def whole_batch(x):
+    """collate_fn of ViewRows: `__getitems__` already returns the batch (a module-level function: picklable)."""
+    return x
 
 
 @torch.inference_mode()
 def model_logits(model, dataset, ids: np.ndarray, params: np.ndarray, space, *, batch_size: int = 512,
-                 device=torch.device("cpu"), amp: bool = False) -> np.ndarray:
-    """float32 logits (n, V, K) of `model` on every view in `params` (n, V, P) of the samples `ids`."""
+                 device=torch.device("cpu"), amp: bool = False, workers: int = 0) -> np.ndarray:
+    """float32 logits (n, V, K) of `model` on every view in `params` (n, V, P) of the samples `ids`; `workers`
+    DataLoader processes read and replay the views (0: this process)."""
     n, v, _ = params.shape
-    out = None
     cuda = device.type == "cuda"
-    for rows, x in view_batches(dataset, ids, params, space, batch_size):
-        if cuda:
-            x = x.pin_memory().to(device, non_blocking=True)
+    loader = DataLoader(ViewRows(dataset, ids, params, space), batch_size=batch_size, num_workers=workers,
+                        collate_fn=whole_batch, pin_memory=cuda)
+    out, start = None, 0
+    for x in loader:  # in row order
         with torch.autocast("cuda", dtype=torch.float16, enabled=cuda and amp):
-            z = model(x).float().cpu().numpy()
+            z = model(x.to(device, non_blocking=True)).float().cpu().numpy()
         if out is None:
             out = np.empty((n * v, z.shape[1]), dtype=np.float32)
-        out[rows] = z
+        out[start:start + len(z)] = z
+        start += len(z)
     return out.reshape(n, v, -1)
 
 

@@ -271,6 +271,5 @@ class LiveViews(Source):
 
 def batch_images(data, ids: np.ndarray, device):
     """uint8 images of `ids` on `device` (a list for variable-size image folders)."""
-    if data.image_size is not None:
-        return data.images(ids).to(device)
-    return [data.image(int(i)).to(device) for i in ids]
+    images = data.batch(ids)
+    return images.to(device) if torch.is_tensor(images) else [img.to(device) for img in images]

@@ -77,7 +77,7 @@ def cache_teacher(cfg: dict, *, num_shards: int = 1, shard_index: int = 0, overw
                 ids = np.arange(rows.start, rows.stop)
                 params = space.sample_params(ids, _image_sizes(data, ids))
                 logits = model_logits(teacher, data, ids, params, space, batch_size=ccfg["batch_size"],
-                                      device=device, amp=ccfg["amp"])
+                                      device=device, amp=ccfg["amp"], workers=ccfg["workers"])
                 stored = _checked_cast(logits, entry, shard)
                 writer.put(shard, stored, params, data.labels[ids].astype(np.int32))
         store.mark_complete_if_done()
@@ -89,6 +89,7 @@ def check_cache(c: dict) -> dict:
     the dtype and the layout again, for callers that skip this)."""
     for key, ok, must_be in (("store", lambda v: isinstance(v, (str, os.PathLike)) and str(v), "a folder path or URL"),
                              ("batch_size", lambda v: is_int(v, 1), "an integer >= 1"),
+                             ("workers", lambda v: is_int(v, 0), "an integer >= 0 (DataLoader worker processes)"),
                              ("samples_per_chunk", lambda v: is_int(v, 1), "an integer >= 1"),
                              ("chunks_per_shard", lambda v: is_int(v, 1), "an integer >= 1"),
                              ("amp", lambda v: isinstance(v, bool), "true or false")):

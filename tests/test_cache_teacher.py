@@ -1,4 +1,5 @@
 """Stage 1: replay, resume after SIGKILL, parallel writers, background writing, bad input."""
+import json
 import os
 import signal
 import subprocess
@@ -241,3 +242,32 @@ def test_one_of_two_processes_leaves_store_incomplete(smoke_cfg, tmp_path):
     assert list(store.done()) == [s % 2 == 1 for s in range(store.num_shards)]
     code, out = run_cli("cache-teacher", "--config", tmp_path / "c.yaml", "--num-shards", 2, "--shard-index", 0)
     assert code == 0 and CacheStore.open(smoke_cfg["cache"]["store"]).status == "complete"
+
+
+def test_dataloader_workers_give_the_same_store(smoke_cfg, tmp_path):
+    """Stage 1 reading and replaying views in 2 DataLoader worker processes writes what it writes in process,
+    for in-memory images and for an image folder decoded in the workers."""
+    from torchvision.io import write_png
+
+    from kdcache.models import build_model, save_checkpoint
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for cls, n in (("cat", 5), ("dog", 4)):
+            (tmp_path / "images" / split / cls).mkdir(parents=True)
+            for k in range(n):
+                img = torch.randint(0, 256, (3, 20 + k, 24 + 3 * k), dtype=torch.uint8, generator=g)
+                write_png(img, str(tmp_path / "images" / split / cls / f"{k}.png"))
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "t3.pt", build_model("tiny_teacher", 2, 3), arch="tiny_teacher", num_classes=2,
+                    in_channels=3, meta={"test_accuracy": 0.5})
+    folder = json.loads(json.dumps(smoke_cfg))
+    folder["dataset"] = {"name": "imagefolder", "root": str(tmp_path / "images"), "subset": None, "options": {}}
+    folder["views"] = {"kind": "resized_crop_flip", "size": 16, "views": 3}
+    folder["teacher"] = dict(folder["teacher"], checkpoint=str(tmp_path / "t3.pt"))
+    for name, cfg in (("pixels", smoke_cfg), ("folder", folder)):
+        stores = []
+        for workers in (0, 2):
+            c = json.loads(json.dumps(cfg))
+            c["cache"].update(store=str(tmp_path / f"{name}{workers}.zarr"), workers=workers, batch_size=7)
+            stores.append(cache_teacher(c, progress=False))
+        assert_same_store(*stores)
