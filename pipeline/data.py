@@ -77,13 +77,15 @@ class ImageDataset:
         """uint8 (C, H, W) of sample i; image folders decode the file (always RGB)."""
         if self._pixels is not None:
             return torch.from_numpy(self._pixels[int(i)])
-        from torchvision.io import ImageReadMode, decode_image
+        from PIL import Image  # torchvision 0.29 deprecates its own decoders (for TorchCodec)
 
         path = self._files[int(i)][1]
         try:
-            return decode_image(str(path), mode=ImageReadMode.RGB)
-        except (RuntimeError, OSError, ValueError) as e:
+            with Image.open(path) as im:
+                pixels = np.asarray(im.convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise UserError(f"cannot decode image {path}: {e}") from None
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
 
     def batch(self, idx):
         """uint8 images of the sample ids `idx`: a (B, C, H, W) tensor for fixed-size sets, a list of (C, H, W)
