@@ -54,3 +54,24 @@ def train_store_cfg(tmp_path_factory, teacher_ckpt):
     cache_teacher(cfg, progress=False)
     compute_stats(cfg["cache"]["store"], cfg["stats"], progress=False)
     return cfg
+
+
+def image_folder(root: Path, counts: dict) -> Path:
+    """root/images/{train,val}/<class>/<k>.png, RGB images of different sizes (counts: class -> images per split),
+    and root/teacher.pt, a tiny_teacher for those classes with a recorded test accuracy (stage 1 cannot measure
+    it on a folder). Returns the checkpoint's path."""
+    import torch
+    from torchvision.io import write_png
+
+    from kdcache.models import build_model, save_checkpoint
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for cls, n in counts.items():
+            (root / "images" / split / cls).mkdir(parents=True)
+            for k in range(n):
+                img = torch.randint(0, 256, (3, 20 + k, 24 + 3 * k), dtype=torch.uint8, generator=g)
+                write_png(img, str(root / "images" / split / cls / f"{k}.png"))
+    torch.manual_seed(0)
+    save_checkpoint(root / "teacher.pt", build_model("tiny_teacher", len(counts), 3), arch="tiny_teacher",
+                    num_classes=len(counts), in_channels=3, meta={"test_accuracy": 0.5})
+    return root / "teacher.pt"

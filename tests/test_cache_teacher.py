@@ -19,7 +19,7 @@ from kdcache.models import build_model, load_checkpoint, save_checkpoint
 from kdcache.store import CacheStore
 from kdcache.views import ViewSpace, apply_views
 from kdcache.stages.cache_teacher import ShardWriter, cache_teacher
-from tests.conftest import REPO, kdcache, write_config
+from tests.conftest import REPO, image_folder, kdcache, write_config
 
 
 def smoke_data(cfg):
@@ -247,23 +247,11 @@ def test_one_of_two_processes_leaves_store_incomplete(smoke_cfg, tmp_path):
 def test_dataloader_workers_give_the_same_store(smoke_cfg, tmp_path):
     """Stage 1 reading and replaying views in 2 DataLoader worker processes writes what it writes in process,
     for in-memory images and for an image folder decoded in the workers."""
-    from torchvision.io import write_png
-
-    from kdcache.models import build_model, save_checkpoint
-    g = torch.Generator().manual_seed(0)
-    for split in ("train", "val"):
-        for cls, n in (("cat", 5), ("dog", 4)):
-            (tmp_path / "images" / split / cls).mkdir(parents=True)
-            for k in range(n):
-                img = torch.randint(0, 256, (3, 20 + k, 24 + 3 * k), dtype=torch.uint8, generator=g)
-                write_png(img, str(tmp_path / "images" / split / cls / f"{k}.png"))
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "t3.pt", build_model("tiny_teacher", 2, 3), arch="tiny_teacher", num_classes=2,
-                    in_channels=3, meta={"test_accuracy": 0.5})
+    teacher = image_folder(tmp_path, {"cat": 5, "dog": 4})
     folder = json.loads(json.dumps(smoke_cfg))
     folder["dataset"] = {"name": "imagefolder", "root": str(tmp_path / "images"), "subset": None, "options": {}}
     folder["views"] = {"kind": "resized_crop_flip", "size": 16, "views": 3}
-    folder["teacher"] = dict(folder["teacher"], checkpoint=str(tmp_path / "t3.pt"))
+    folder["teacher"] = dict(folder["teacher"], checkpoint=str(teacher))
     for name, cfg in (("pixels", smoke_cfg), ("folder", folder)):
         stores = []
         for workers in (0, 2):

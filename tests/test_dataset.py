@@ -24,7 +24,7 @@ from kdcache.stages.train_student import train_student
 from kdcache.encodings import decode_logits
 from kdcache.store import CacheStore
 from kdcache.views import apply_views
-from tests.conftest import REPO
+from tests.conftest import REPO, image_folder
 
 N, V, CHUNK = 128, 18, 16  # the smoke store: 128 samples x 18 crop/flip views, chunks of 16 samples
 
@@ -227,18 +227,7 @@ def test_mistakes_are_one_line_user_errors(store, tmp_path):
 
 def test_image_folder_of_any_sizes_with_box_views(tmp_path):
     """Variable-size images (imagefolder) and resized-crop views: items are the store's views replayed."""
-    from torchvision.io import write_png
-    from kdcache.models import build_model, save_checkpoint
-    g = torch.Generator().manual_seed(0)
-    for split in ("train", "val"):
-        for cls, n in (("cat", 3), ("dog", 2)):
-            (tmp_path / "images" / split / cls).mkdir(parents=True)
-            for k in range(n):
-                img = torch.randint(0, 256, (3, 20 + k, 24 + 3 * k), dtype=torch.uint8, generator=g)
-                write_png(img, str(tmp_path / "images" / split / cls / f"{k}.png"))
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "teacher.pt", build_model("tiny_teacher", 2, 3), arch="tiny_teacher", num_classes=2,
-                    in_channels=3, meta={"test_accuracy": 0.5})  # stage 1 cannot measure it on folders
+    image_folder(tmp_path, {"cat": 3, "dog": 2})
     cfg = load_config(REPO / "configs" / "smoke" / "synthetic.yaml", {
         "teacher": {"checkpoint": str(tmp_path / "teacher.pt")}, "cache": {"store": str(tmp_path / "folder.zarr")}})
     cfg["dataset"] = {"name": "imagefolder", "root": str(tmp_path / "images"), "subset": None, "options": {}}
