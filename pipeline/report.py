@@ -210,7 +210,8 @@ def write_report(grid_dir, *, plots: bool = True) -> dict:
     runs = read_runs(grid_dir)
     rows = summarise(runs)
     text = markdown_table(rows, runs)
-    text += ("\n" + cost_text(rows)) if cost_text(rows) else ""
+    saving = cost_text(rows)
+    text += "\n" + saving if saving else ""
     (grid_dir / "results.md").write_text(text)
     (grid_dir / "results.csv").write_text(csv_table(rows))
     files = [grid_dir / "results.md", grid_dir / "results.csv"]
