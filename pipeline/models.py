@@ -268,12 +268,14 @@ _ZOO = {
 MODEL_NAMES: tuple[str, ...] = tuple(_ZOO)
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 3, *, image_size: int = 28) -> nn.Module:
+def build_model(name: str, num_classes: int, in_channels: int = 3, *, image_size: int | None = None) -> nn.Module:
     """A freshly initialised model by zoo name, `tv:NAME`, `timm:NAME` or `python:package.module:callable`.
 
-    `image_size` matters only for `fmnist_mlp` (its first layer's width) and for factories,
-    which are given it; every other model pools adaptively and accepts any input size.
+    `image_size` (None: unknown, taken as 28) matters for `fmnist_mlp` (its first layer's width) and for
+    factories, which are given it; a timm model is tried on it once (some, e.g. ViTs, take one size only);
+    every other model pools adaptively and accepts any input size.
     """
+    known_size, image_size = image_size is not None, 28 if image_size is None else image_size
     if num_classes < 1 or in_channels < 1 or image_size < 1:
         raise UserError(
             f"model {name!r} needs positive num_classes, in_channels and image_size "
@@ -282,7 +284,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, *, image_size
     if name.startswith(TORCHVISION_PREFIX):
         return _build_torchvision(name[len(TORCHVISION_PREFIX):], num_classes, in_channels)
     if name.startswith(TIMM_PREFIX):
-        return _build_timm(name[len(TIMM_PREFIX):], num_classes, in_channels)
+        model = _build_timm(name[len(TIMM_PREFIX):], num_classes, in_channels)
+        return check_input_size(model, name, in_channels, image_size) if known_size else model
     if name.startswith(FACTORY_PREFIX):
         return _build_factory(name, num_classes, in_channels, image_size)
     if name not in _ZOO:
@@ -323,6 +326,19 @@ def _build_timm(name: str, num_classes: int, in_channels: int) -> nn.Module:
     except (TypeError, ValueError, RuntimeError, AssertionError) as e:
         raise UserError(f"timm cannot build {TIMM_PREFIX}{name} with num_classes={num_classes}, "
                         f"in_chans={in_channels}: {_first_line(e)}") from None
+
+
+def check_input_size(model: nn.Module, name: str, in_channels: int, image_size: int) -> nn.Module:
+    """`model`, after one forward pass of two blank images of the data's size (eval mode, no gradient, its mode
+    restored): a model that cannot take them fails here in one line, not in the first training step."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, in_channels, image_size, image_size))
+    except (RuntimeError, ValueError, AssertionError, TypeError) as e:
+        raise UserError(f"model {name} cannot take {image_size}x{image_size} images with {in_channels} channel(s): "
+                        f"{_first_line(e) or type(e).__name__}; pick a model for this image size") from None
+    return model.train(was_training)
 
 
 def _build_factory(name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:

@@ -225,7 +225,8 @@ def train_cmd(config_path, sets, device, store, overlay, online, augment, views_
               help="Worker processes of the local dask cluster (default: one per core, at most one per run).")
 @click.option("--scheduler", help="Address of a running dask.distributed scheduler: run on its workers instead "
                                   "(they must see the store and the grid folder at the same paths).")
-def grid_cmd(grid_file, workers, scheduler):
+@set_option
+def grid_cmd(grid_file, workers, scheduler, sets):
     """Stage 3 many times: every run of GRID_FILE (methods x students x hyper-parameters x seeds) on dask.
 
     Finished runs are skipped and interrupted ones resume from their checkpoints; a failing run is
@@ -235,7 +236,7 @@ def grid_cmd(grid_file, workers, scheduler):
     from kdcache.stages.grid import run_grid
     if workers and scheduler:
         raise UserError("give --workers (a local cluster) or --scheduler (an existing one), not both")
-    done = run_grid(grid_file, workers=workers, scheduler=scheduler)
+    done = run_grid(grid_file, sets=sets, workers=workers, scheduler=scheduler)
     report = write_report(done["out"])
     click.echo(report["markdown"])
     click.echo(f"{done['done']} runs trained, {done['skipped']} already finished, {len(done['failed'])} failed; "

@@ -33,15 +33,16 @@ import yaml
 from tqdm import tqdm
 
 from kdcache.cluster import dask_client
-from kdcache.config import load_config, merge, read_yaml
+from kdcache.config import load_config, merge, parse_set, read_yaml
 from kdcache.errors import UserError, is_int
 from kdcache.methods import METHODS, check_params
 
 GRID_KEYS = {"config", "set", "out", "students", "methods", "params", "seeds"}
 
 
-def load_grid(path) -> dict:
-    """The grid file as a dict, its keys checked (yaml.safe_load)."""
+def load_grid(path, sets=()) -> dict:
+    """The grid file as a dict, its keys checked (yaml.safe_load); `sets` (`kdcache grid --set KEY=VALUE`, in order)
+    are added to its `set` overrides of the base config, so the grid.yaml written beside the runs records them."""
     path = Path(path)
     grid = read_yaml(path, "grid file") or {}
     if not isinstance(grid, dict):
@@ -57,7 +58,18 @@ def load_grid(path) -> dict:
                              ("set", lambda v: v is None or isinstance(v, dict), "a mapping of config overrides")):
         if not ok(grid.get(key)):
             raise UserError(f"grid `{key}` must be {must_be}, got {grid.get(key)!r}")
+    for item in sets:
+        grid["set"] = deep_update(grid.get("set") or {}, parse_set(item))
     return grid
+
+
+def deep_update(base: dict, update: dict) -> dict:
+    """`update` merged into a copy of `base`, mapping by mapping (a later value wins)."""
+    out = dict(base)
+    for key, value in update.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = deep_update(out[key], value) if both else value
+    return out
 
 
 def run_key(cfg: dict) -> str:
@@ -161,7 +173,8 @@ def thread_shares(client) -> dict:
     return {addr: max(1, cores.get(addr, 1) // slots[w["host"]]) for addr, w in workers.items()}
 
 
-def run_grid(grid_path, *, workers: int | None = None, scheduler: str | None = None, progress: bool = True) -> dict:
+def run_grid(grid_path, *, sets=(), workers: int | None = None, scheduler: str | None = None,
+             progress: bool = True) -> dict:
     """Run every unfinished run of the grid; returns {runs, done, skipped, failed: {folder: error}}.
 
     Writes config.json (the resolved config plus grid labels) into each run folder before it starts
@@ -169,7 +182,7 @@ def run_grid(grid_path, *, workers: int | None = None, scheduler: str | None = N
     """
     from distributed import as_completed
 
-    grid = load_grid(grid_path)
+    grid = load_grid(grid_path, sets)
     runs = expand_grid(grid)
     out = Path(grid["out"])
     try:

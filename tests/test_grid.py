@@ -93,6 +93,25 @@ def test_grid_mistakes_are_user_errors(tmp_path, base_config):
     assert "T=-1" in bad[0]["error"]  # reported per run, not raised: the other runs still go
 
 
+def test_grid_sets_override_the_base_config_and_are_recorded(tmp_path, base_config):
+    path = grid_file(tmp_path, base_config, set={"train": {"epochs": 3, "lr": 0.2}})
+    g = load_grid(path, sets=["train.epochs=5", "train.params.T=3", "seed=7"])
+    assert g["set"] == {"train": {"epochs": 5, "lr": 0.2, "params": {"T": 3}}, "seed": 7}  # later wins, merged
+    with pytest.raises(UserError, match="train.params"):  # the grid sets method parameters per run
+        expand_grid(g)
+    (run,) = expand_grid(load_grid(path, sets=["train.epochs=5", "train.batch_size=32"]))
+    assert run["cfg"]["train"]["epochs"] == 5 and run["cfg"]["train"]["batch_size"] == 32
+    assert run["cfg"]["train"]["lr"] == 0.2  # the file's own `set` is kept
+    assert run["key"] != expand_grid(load_grid(path))[0]["key"]  # another run, another folder
+    with pytest.raises(UserError, match="unknown config key 'train.epoch'"):
+        expand_grid(load_grid(path, sets=["train.epoch=5"]))
+    from click.testing import CliRunner
+
+    from kdcache.stages.cli import cli
+    r = CliRunner().invoke(cli, ["grid", str(path), "--set", "train.epoch=5"])
+    assert r.exit_code == 1 and "unknown config key 'train.epoch'" in r.output and "Traceback" not in r.output
+
+
 # ---- running, failures and the report -----------------------------------------------------------
 
 def test_grid_runs_on_a_cluster_reports_failures_and_its_table(tmp_path, base_config, threads_cluster):

@@ -88,6 +88,15 @@ def test_mistakes_are_one_line(name, message):
     assert "\n" not in str(e.value)
 
 
+def test_a_timm_model_that_cannot_take_the_image_size_fails_at_build_in_one_line():
+    """A ViT takes one input size (224 by default): the first training step would fail deep in timm."""
+    with pytest.raises(UserError, match=r"model timm:vit_tiny_patch16_224 cannot take 16x16 images with 1 channel") as e:
+        build_model("timm:vit_tiny_patch16_224", 4, 1, image_size=16)
+    assert "\n" not in str(e.value)
+    model = build_model(TIMM, 4, 1, image_size=16)  # a CNN pools: built, and left in training mode
+    assert model.training
+
+
 def test_without_timm_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now fails as if it were not installed
     with pytest.raises(UserError, match=r"needs timm, which is not installed: pip install 'kdcache\[timm\]'"):
