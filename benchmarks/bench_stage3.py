@@ -142,6 +142,7 @@ def main():
         "ratio_offline_kd_zarr_over_memory": ratio(wall, "offline_kd_zarr", "offline_kd"),
         "cpu_ratio_offline_kd_over_ce": ratio(cpu, "offline_kd", "ce"),
         "cpu_ratio_online_kd_over_offline_kd": ratio(cpu, "online_kd", "offline_kd"),
+        "cpu_ratio_offline_kd_zarr_over_memory": ratio(cpu, "offline_kd_zarr", "offline_kd"),
         "kd_extra_seconds_per_step": kd_extra, "kd_extra_over_ce_step": kd_extra / statistics.median(wall["ce"]),
         "load_logits_seconds": load_seconds, "loaded_bytes": store_bytes(store),
         "batches_per_second": reading,

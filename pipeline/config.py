@@ -39,15 +39,18 @@ DEFAULTS = {
     },
     "cache": {
         "store": "stores/fashion-mnist/fmnist_resnet.zarr",
-        "dtype": "float16",           # float16 | float32
+        "encoding": "dense",          # dense | {topk: k} | {quantized: 8|16} | {sampled: draws, temperature: T
+                                      # (default 1), seed: s (default 0)}: how the store holds the logits
+                                      # (docs/FORMAT.md, "Logit encodings"); sampled: kd at T, ttm/wttm at 1/T
+        "dtype": "float16",           # float16 | float32 | bfloat16: dense logits (and top-k values: float16|float32)
         "samples_per_chunk": 256,     # chunk = (samples_per_chunk, V, K)
         "chunks_per_shard": 16,       # shard = the unit of work, resume and ownership between processes
         "batch_size": 512,            # teacher batch, in (sample, view) images
         "amp": False,                 # CUDA only: run the teacher under float16 autocast
         "workers": 0,                 # DataLoader processes decoding images and replaying views (0: in process)
         "stats": None,                # statistics overlay (kdcache stats STORE --out OVERLAY); None: the store itself
-        "topk": None,                 # k: store only the k largest logits per row + the log of the rest's
-                                      # softmax mass (large K; docs/BENCHMARKS.md "Top-k storage"); None: all
+        "topk": None,                 # k: shorthand for encoding {topk: k}: the k largest logits per row + the
+                                      # log of the rest's softmax mass (large K; docs/BENCHMARKS.md "Top-k storage")
     },
     "stats": {                        # stage 2 (kdcache stats); names and formulas: pipeline/stats.py
         "statistics": "all",          # "all" or a list of names, e.g. [mlt_temperature, wttm_power_sum]
@@ -79,6 +82,7 @@ DEFAULTS = {
         "lr_decay": 0.1,
         "memory_gb": 4.0,             # load the cached logits when they take at most this, else read Zarr blocks
         "chunks_per_block": 16,       # Zarr reading: store chunks read (and shuffled) together
+        "workers": 0,                 # DataLoader processes decoding images and replaying views (0: in process)
         "eval_batch_size": 1024,
         "out": "runs/fashion-mnist/kd",  # run folder: metrics.jsonl, checkpoint.pt, student.pt, result.json
     },

@@ -25,7 +25,8 @@ from kdcache.sharing import group_exists, open_overlay
 from kdcache.stats import load_stat, read_stat
 from kdcache.encodings import decode_logits
 from kdcache.store import CacheStore, bad_values, reading
-from kdcache.views import ViewSpace, apply_views
+from kdcache.inference import ViewBatches
+from kdcache.views import ViewSpace
 
 MEMORY_GB = 4.0  # targets up to this size are loaded whole (stage 3's train.memory_gb default)
 CHUNKS_PER_BLOCK = 16  # store chunks read together and shuffled together (stage 3's train.chunks_per_block)
@@ -167,9 +168,12 @@ class CacheDataset(torch.utils.data.Dataset):
         pre = cache.manifest["preprocessing"]
         self.mean, self.std = pre["mean"], pre["std"]
         store = cache.store
+        self.replay = ViewBatches(data, cache.space, self.mean, self.std)  # the trainer's and stage 1's image path
         self.stats = {} if method is None else cached_stats(store, build(method, params), overlay)
-        self.targets = (*store.logit_arrays, "views")
+        self.targets = tuple(store.logit_arrays)
         self.in_memory = store_bytes(store) <= memory_gb * 2**30
+        # view params, P integers per (sample, view) like P statistics: loaded whole as the statistics are
+        self.params = cache.read_chunks(["views"], slice(0, N))["views"]
         self.loaded = cache.read_chunks(self.targets, slice(0, N)) if self.in_memory else None
         self.subset = view_subset(N, V, views_used, cache.space.seed) if views_used and views_used < V else None
         self._chunks = OrderedDict()  # chunk index -> its rows of the target arrays, least recently used first
@@ -195,8 +199,7 @@ class CacheDataset(torch.utils.data.Dataset):
         ids = np.asarray(indices, dtype=np.int64)
         views = self.views[ids]
         target = self._targets(ids, views)
-        images = self.data.batch(ids)
-        x = apply_views(images, target["views"], self.cache.space, self.mean, self.std)
+        x = self.replay[(ids, self.params[ids, views])]
         logits = torch.from_numpy(decode_logits(target, self.cache.num_classes))
         labels = torch.from_numpy(self.data.labels[ids])
         stats = {k: torch.from_numpy(a[ids, views]) for k, a in self.stats.items()}
@@ -204,7 +207,7 @@ class CacheDataset(torch.utils.data.Dataset):
                  **{k: s[j] for k, s in stats.items()}} for j in range(len(ids))]
 
     def _targets(self, ids: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
-        """The stored rows (logits or top-k arrays, view params) of (ids[i], views[i])."""
+        """The stored rows of the logit arrays (logits, or a top-k store's arrays) of (ids[i], views[i])."""
         if self.in_memory:
             return {n: self.loaded[n][ids, views] for n in self.targets}
         step, out = self.cache.samples_per_chunk, {}
@@ -333,10 +336,12 @@ def cached_stats(store: CacheStore, method, overlay=None) -> dict:
     whole and checked to be finite (`load_stat`); UserError names the missing call.
 
     From the statistics overlay at `overlay` (`kdcache stats STORE --out OVERLAY`, for stores one cannot
-    write) when given, else from the store itself. An overlay of another cache is refused even when the
-    method reads no statistics: the config names it, so it should be the right one.
+    write) when given, else from the store itself; a lossy store's exact arrays from the store in either case
+    (`read_stat`). An overlay of another cache is refused even when the method reads no statistics: the config
+    names it, so it should be the right one.
     """
     if overlay is not None:
         open_overlay(overlay, store.fingerprint(), store.path)
-    return {name: load_stat(read_stat(store, stat, overlay=overlay, **options), overlay or store.path)
-            for name, (stat, options) in method.statistics().items()}
+    arrays = {name: read_stat(store, stat, overlay=overlay, **options)
+              for name, (stat, options) in method.statistics().items()}
+    return {name: load_stat(a, store.path if a.store is store.group.store else overlay) for name, a in arrays.items()}

@@ -168,3 +168,40 @@ def dkd_warmup(epoch, warmup):
     """DKD's linear warm-up min(epoch / warmup, 1); epochs count from 1 as in the DKD code
     (epoch 1 of a 20-epoch warm-up scales by 1/20); warmup = 0 disables it."""
     return min(epoch / warmup, 1.0) if warmup else 1.0
+
+
+# ---- sampled targets (kdcache.encodings.Sampled): unbiased estimates of the full losses ----------------------
+#
+# A sampled store holds, per row, the distinct classes `ids` (B, D) of `draws` draws from the teacher's p =
+# softmax(z_t / T_s), their `counts` (B, D) (0 pads) and the entropy H(p) (B,). Since E[count_k] = draws * p_k,
+#     KL(p || q) = -H(p) - sum_k p_k log q_k,  estimated without bias by  -H(p) - sum_j counts_j / draws * log q_ids_j
+# and so is its gradient in the student's logits (linear in the counts). No dense teacher row is rebuilt.
+
+def _sampled_cross_entropy(log_q, ids, counts):
+    """-(1/draws) sum_j counts_j log q_{ids_j} per row: the sampled estimate of -sum_k p_k log q_k (padding, count
+    0, adds nothing even where log q is -inf)."""
+    counts = counts.detach().to(log_q.dtype)
+    picked = log_q.gather(-1, ids.long())
+    return -torch.where(counts > 0, counts * picked, 0.0).sum(-1) / counts.sum(-1)
+
+
+def sampled_kl_rows(z_s, ids, counts, entropy, T=1.0):
+    """Per-row unbiased estimate of KL(p_t || softmax(z_s / T)) from sampled targets of p_t (ids, counts: (B, D);
+    entropy (B,): H(p_t)). T must be the store's temperature for p_t to be what KD/TTM want (the methods check)."""
+    log_q = F.log_softmax(_upcast(z_s) / T, dim=-1)
+    return -entropy.detach().to(log_q.dtype) + _sampled_cross_entropy(log_q, ids, counts)
+
+
+def sampled_kd_loss(z_s, ids, counts, entropy, T):
+    """KD at T = the store's temperature T_s: mean_i T^2 * KL estimate (`sampled_kl_rows`); its mean over the
+    draws is `kd_loss` of the teacher's logits, and so is its gradient's."""
+    return T**2 * sampled_kl_rows(z_s, ids, counts, entropy, T).mean()
+
+
+def sampled_ttm_loss(z_s, ids, counts, entropy, power_sum=None):
+    """TTM (and WTTM with the teacher's U_gamma `power_sum` (B,)) of a store sampled at T_s = 1/gamma: p_t^gamma =
+    softmax(gamma log softmax(z_t)) = softmax(z_t / T_s), the student at T = 1, no T^2 factor."""
+    kl = sampled_kl_rows(z_s, ids, counts, entropy)
+    if power_sum is None:
+        return kl.mean()
+    return (power_sum.detach().to(device=kl.device, dtype=kl.dtype).reshape(kl.shape) * kl).mean()

@@ -43,17 +43,32 @@ Numbers in names are written exactly (repr of the float, without a trailing ".0"
 Every array's attributes record its statistic, parameters and the fingerprint of the logits it came
 from (see stages/compute_stats.py). Everything is computed in float32 whatever the stored dtype
 (exp overflows in float16); per-class sums accumulate in float64.
+
+Exact statistics of lossy stores. A store that does not keep the teacher's logits as they are (top-k,
+quantized, sampled: `kdcache.encodings.is_lossless`) cannot give back their std, min or power sums, so
+stage 1, which has the float32 logits in hand, writes the per-row arrays of `exact_outputs` itself
+(`exact: true` in their attributes) and seals them with the fingerprint once the store is complete
+(`seal_exact`). Stage 2 then derives the LS and max-logit temperatures from them (`derivation`), and
+computes from the decoded logits, marked `exact: false`, only what they cannot give; `read_stat` takes
+an exact array of the store before an overlay's.
 """
+import logging
 import shlex
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
 
+import kdcache
+from kdcache.encodings import dense_logits_available, describe
 from kdcache.errors import StoreDamage, UserError, is_int, is_number
 from kdcache.losses import MLT_CONSTANT
 from kdcache.sharing import open_overlay
 from kdcache.store import CacheStore, bad_values, reading, reading_metadata
+
+log = logging.getLogger(__name__)
 
 STD_EPS = 1e-7  # the epsilon of Z(z) = (z - mean) / (std + eps), as in kdcache.losses.standardize
 
@@ -193,6 +208,36 @@ def plan_outputs(settings: dict) -> list[Output]:
     return outs
 
 
+def derivation(o: Output) -> tuple[Output, float] | None:
+    """(per-row output, factor) of which output `o` is that multiple: ls_temperature = t_base * std and
+    mlt_temperature = (1 + sqrt 3)/2 * max_abs_zscore; None for the others. The kernel computes them so, and
+    stage 2 derives them so from stage 1's exact arrays of a lossy store."""
+    if o.statistic == "ls_temperature":
+        return output("std", std=o.params["std"]), o.params["t_base"]
+    if o.statistic == "mlt_temperature":
+        return output("max_abs_zscore", std=o.params["std"]), MLT_CONSTANT
+    return None
+
+
+# What stage 1 writes exactly for a lossy store: the per-row statistics the temperatures and losses are made of,
+# and the entropy (4 bytes per row each, next to a top-k store's 4k + 2k + 4: not the margin, which top-k keeps).
+EXACT_STATISTICS = ("mean", "std", "max", "min", "logsumexp", "entropy", "max_abs_zscore", "wttm_power_sum")
+
+
+def exact_outputs(settings: dict) -> list[Output]:
+    """The arrays stage 1 writes from the float32 logits of a lossy store, for checked `settings` (the config's
+    stats section): EXACT_STATISTICS in both std conventions (one more reduction each), power sums at its gammas."""
+    outs = []
+    for stat in EXACT_STATISTICS:
+        if stat == "wttm_power_sum":
+            outs += [output(stat, gamma=g) for g in settings["gammas"]]
+        elif "std" in STATISTICS[stat][1]:
+            outs += [output(stat, std=c) for c in STD_CONVENTIONS]
+        else:
+            outs.append(output(stat))
+    return outs
+
+
 # ---- kernels ------------------------------------------------------------------------------------
 
 def _once(cache: dict, key, compute):
@@ -252,12 +297,12 @@ def row_statistics(z: torch.Tensor, labels: torch.Tensor, outputs: list[Output],
             v = _common(z, cache, "max") - others.amax(dim=-1)
         elif s == "top1_correct":
             v = (_common(z, cache, "argmax") == labels).float()
-        elif s == "ls_temperature":
-            v = p["t_base"] * std(p["std"])
         elif s == "max_abs_zscore":
             v = max_abs_z(p["std"])
-        elif s == "mlt_temperature":  # = kdcache.losses.max_logit_temperature(z) (teacher variant)
-            v = MLT_CONSTANT * max_abs_z(p["std"])
+        elif s in ("ls_temperature", "mlt_temperature"):  # t_base * std, (1 + sqrt 3)/2 * max |Z|: `derivation`
+            # mlt = kdcache.losses.max_logit_temperature(z) (teacher variant)
+            source, factor = derivation(o)
+            v = factor * (std(p["std"]) if source.statistic == "std" else max_abs_z(p["std"]))
         elif s == "wttm_power_sum":  # = kdcache.losses.teacher_power_sum(z, gamma); each term <= 1
             v = (p["gamma"] * _common(z, cache, "log_softmax")).exp().sum(dim=-1)
         else:
@@ -332,18 +377,125 @@ def class_statistics(bins: np.ndarray, probs, outputs: list[Output]) -> dict[str
     return {o.name: values[o.statistic] for o in outputs if not o.per_row}
 
 
+# ---- arrays: creating them, recording what they came from -------------------------------------------
+
+COMPRESSORS = [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=4), Crc32cCodec()]
+STAGE1 = "stage 1, from the teacher's float32 logits before encoding"  # the `source` of the exact arrays
+
+
+def create_array(group, o: Output, store: CacheStore, rows_per_chunk: int, attributes: dict, overwrite: bool = True):
+    """An empty array of output `o` in `group` with its statistic, parameters and `attributes`: per-row ones laid out
+    like the logits (a shard per logits shard, chunks of `rows_per_chunk` samples, which divides a shard), per-class
+    ones in one chunk. Replaces an array of that name (`overwrite`: zarr's ContainsArrayError otherwise)."""
+    N, V, K = store.logits_shape
+    shards = None
+    if o.per_row:
+        shape, chunks, dims = (N, V), (rows_per_chunk, V), ("sample", "view")
+        if chunks[0] != store.samples_per_shard:
+            shards = (store.samples_per_shard, V)
+    else:
+        shape = {"class_mean_softmax": (K, K), "ece": ()}.get(o.statistic, (K,))
+        chunks, dims = shape, {0: (), 1: ("class",), 2: ("class", "class")}[len(shape)]
+    dtype = stat_dtype(o)
+    fill = {"bool": False, "int64": 0}.get(dtype, float("nan"))
+    return group.create_array(
+        o.name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, fill_value=fill,
+        compressors=COMPRESSORS if o.per_row else [Crc32cCodec()], dimension_names=dims, overwrite=overwrite,
+        attributes={"statistic": o.statistic, "description": STATISTICS[o.statistic][0], "params": o.params,
+                    **attributes})
+
+
+def computed_record(store: CacheStore) -> dict:
+    """The attributes an array gets once all its values are written, among them the fingerprint of the logits they
+    came from (written last: an array without it is an interrupted computation)."""
+    return {"logits_fingerprint": store.fingerprint(), "logits_shape": list(store.logits_shape),
+            "logits_dtype": str(store.logits_dtype), "computed_in": "float32", "kdcache_version": kdcache.__version__}
+
+
+def exact_arrays(store: CacheStore, settings: dict) -> list[tuple[Output, zarr.Array]]:
+    """Stage 1 on a lossy store: the outputs of `exact_outputs(settings)` (checked settings) and their arrays in the
+    store's stats/ group, created where missing (a resumed run keeps the rows written before it; the processes of
+    one job create the same documents), a chunk per shard."""
+    group, outs = store.group.require_group("stats"), exact_outputs(settings)
+    for o in outs:
+        if o.name not in group:
+            try:
+                create_array(group, o, store, store.samples_per_shard, {"exact": True, "source": STAGE1},
+                             overwrite=False)
+            except zarr.errors.ContainsArrayError:
+                pass  # created meanwhile by another process of the job
+    return [(o, group[o.name]) for o in outs]
+
+
+def seal_exact(store: CacheStore) -> list[str]:
+    """Stage 1's last step on a lossy store, once every shard is done: record the fingerprint on each exact array
+    that holds every row, so that stages 2 and 3 find it fresh. A shard written by an earlier run configured
+    without an array (another stats.gammas) leaves its rows NaN, the fill value: that array stays unsealed, and
+    stage 2 computes it from the decoded logits. Returns the names sealed."""
+    if "stats" not in store.group:
+        return []
+    group, sealed = store.group["stats"], []
+    for name in sorted(group.array_keys()):
+        a = group[name]
+        attrs = a.attrs.asdict()
+        if attrs.get("source") != STAGE1 or "logits_fingerprint" in attrs:
+            continue
+        if np.isnan(a[...]).any():
+            log.warning(f"store {store.path}: stats/{name} lacks the rows of shards written by a run configured "
+                        "without it; stage 2 computes it from the decoded logits (approximate) unless the store is "
+                        "rebuilt")
+            continue
+        a.update_attributes(computed_record(store))
+        sealed.append(name)
+    return sealed
+
+
+def exact_array(store: CacheStore, o: Output):
+    """The store's own fresh array of output `o` when its values are exact (`exact: true`: stage 1's, or derived
+    from them), else None."""
+    with reading_metadata(store.path, "stats"):
+        group = store.group["stats"] if "stats" in store.group else None
+    if group is None or stat_state(group, o, store.fingerprint(), store.path) != "fresh":
+        return None
+    a = group[o.name]
+    return a if a.attrs.get("exact") is True else None
+
+
+def uncomputable(store: CacheStore, o: Output) -> str | None:
+    """Why stage 2 cannot compute output `o` of this store, else None: a store without dense logits (sampled
+    targets) gives only stage 1's exact arrays and what `derivation` makes of them."""
+    if dense_logits_available(store.entry) or exact_array(store, o) is not None:
+        return None
+    d = derivation(o)
+    if d is not None and exact_array(store, d[0]) is not None:
+        return None
+    rebuild = "rebuild the store (kdcache cache-teacher --overwrite)"
+    if o.statistic == "wttm_power_sum":
+        what = (f"stage 1 writes the power sums at stats.gammas: {rebuild} with {number_name(o.params['gamma'])} "
+                "among them")
+    elif o.statistic in EXACT_STATISTICS or d is not None:
+        what = f"{rebuild}: stage 1 writes it"  # a store written before stage 1 wrote them
+    else:
+        what = f"only stage 1's {', '.join(EXACT_STATISTICS)} and the temperatures derived from them are available"
+    return f"the store holds {describe(store.entry)}, which give no logits to compute it from; {what}"
+
+
 # ---- reading a store's statistics (stage 3, kdcache.dataset, tests) -----------------------------------
 
 def read_stat(store: CacheStore, statistic: str, *, overlay=None, **params):
     """The zarr array of `statistic` for `params` (t_base, std, gamma, ece_bins: those it depends on),
     checked to come from this store's current logits; from the statistics overlay at `overlay` (a path
-    or URL, see compute_stats' `out`) when given, else from the store's own stats/ group.
+    or URL, see compute_stats' `out`) when given, else from the store's own stats/ group; an exact array of
+    a lossy store (`exact_array`) wins over an overlay's.
 
     E.g. read_stat(store, "mlt_temperature", std="unbiased"), read_stat(store, "wttm_power_sum",
     gamma=0.1). Raises UserError naming the `kdcache stats` call that computes a missing or stale one.
     """
     o = output(statistic, **params)
     root = store.group if overlay is None else open_overlay(overlay, store.fingerprint(), store.path)
+    exact = None if overlay is None else exact_array(store, o)
+    if exact is not None:  # a lossy store's exact array beats an overlay's
+        return exact
     with reading_metadata(overlay or store.path, "stats"):
         group = root["stats"] if "stats" in root else None
     state = "missing" if group is None else stat_state(group, o, store.fingerprint(), overlay or store.path)
@@ -352,6 +504,8 @@ def read_stat(store: CacheStore, statistic: str, *, overlay=None, **params):
     why = {"missing": "has no", "incomplete": "has an incomplete (interrupted)",
            "stale": "has a stale (computed from other logits)"}[state]
     where = f"store {store.path}" if overlay is None else f"statistics overlay {overlay}"
+    if state == "missing" and uncomputable(store, o):
+        raise UserError(f"{where} has no stats/{o.name}: {uncomputable(store, o)}")
     raise UserError(f"{where} {why} stats/{o.name}; compute it with: {stats_command(store.path, o, overlay)}")
 
 

@@ -1,10 +1,7 @@
 """The logit cache: one Zarr v3 group per teacher x data set x view space (spec: docs/FORMAT.md).
 
-    logits      (N, V, K) float16|float32   teacher logits of every (sample, view)
-  or, in a top-k store (cache.topk = k; for large K), instead of logits:
-    topk_values  (N, V, k) float16|float32  the k largest logits, descending
-    topk_indices (N, V, k) uint16|uint32    their classes
-    rest_logmass (N, V)    float32          log of the softmax mass of the other K - k classes
+    logits      (N, V, K) float16|float32   teacher logits of every (sample, view) (bfloat16: uint16 bit patterns)
+  or the arrays of another encoding (kdcache.encodings.array_specs: top-k, quantized, sampled targets)
     views       (N, V, P) int32             view parameters that re-create the teacher's input
     labels      (N,)      int32
     shard_done  (S,)      uint8             completion record, one element (and one file) per shard
@@ -35,15 +32,16 @@ from zarr.core.sync import sync
 
 from kdcache.config import first_difference
 from kdcache.errors import StoreDamage, UserError, is_int
-from kdcache.encodings import logit_array_names, logit_storage, topk_index_dtype
+from kdcache.encodings import (array_specs, check_entry, class_id_arrays, decoded_itemsize, describe, is_lossless,
+                                logit_array_names)
 from kdcache.sharing import (check_output, check_unlocked, filesystem, group_exists, is_read_only, join,
                               local_path, open_group, protocol, reaching, remove)
 
 FORMAT = "kdcache-logit-cache"
 FORMAT_VERSION = 1
-FORMAT_MINOR_VERSION = 1  # 1.1: chunk_crc32c digests; manifest_sha256 required
+FORMAT_MINOR_VERSION = 2  # 1.1: chunk_crc32c digests; manifest_sha256 required. 1.2: bfloat16, quantized, sampled
 DIGESTS = "chunk_crc32c"
-DTYPES = ("float16", "float32")
+DTYPES = ("float16", "float32", "bfloat16")
 
 
 class CacheStore:
@@ -76,10 +74,16 @@ class CacheStore:
             raise StoreDamage(f"store {path}: the manifest in its zarr.json was edited after creation (sha256 differs "
                             "from manifest_sha256), so it no longer says what the logits came from; restore "
                             "zarr.json or rebuild the store")
+        entry = attrs["manifest"].get("logits")
+        if entry is not None:  # a store of another encoding than this kdcache knows is refused: upgrade
+            try:
+                check_entry(entry, f"store {path}")
+            except ValueError as e:
+                raise StoreDamage(f"store {path}: {e}: its zarr.json is damaged") from None
         self.views, self.labels, self.shard_done = (self.array(n) for n in ("views", "labels", "shard_done"))
-        # The arrays that hold the logits: {"logits"} or the top-k three (kdcache.encodings reads them back).
+        # The arrays that hold the logits, by the encoding (kdcache.encodings reads them back).
         self.logit_arrays = {n: self.array(n) for n in logit_array_names(attrs["manifest"])}
-        self.logits = self.logit_arrays.get("logits")  # None in a top-k store
+        self.logits = self.logit_arrays.get("logits")  # None in a store of another encoding than dense
         self.per_sample = {**self.logit_arrays, "views": self.views, "labels": self.labels}
         # Format 1.1: a crc32c of every inner chunk of rows of each per-sample array, recorded as it is written.
         self.digests = self.array(DIGESTS) if self.minor_version >= 1 else None
@@ -107,12 +111,10 @@ class CacheStore:
     def _check_dtypes(self) -> None:
         """Every array has the format's data type: zarr would misread every chunk of one whose `data_type` was
         edited in its zarr.json (a reshape error deep in a read, or silently other numbers of the same size)."""
-        logits = self.manifest.get("logits")
-        dtype = logits.get("dtype", "/".join(DTYPES)) if isinstance(logits, dict) else "/".join(DTYPES)
-        expected = {"logits": dtype, "topk_values": dtype, "rest_logmass": "float32", "views": "int32",
-                    "labels": "int32", "shard_done": "uint8", DIGESTS: "uint32"}
-        if self.logits is None:
-            expected["topk_indices"] = topk_index_dtype(self.num_classes)
+        expected = {"logits": "float16/float32", "views": "int32", "labels": "int32", "shard_done": "uint8",
+                    DIGESTS: "uint32"}
+        if self.manifest.get("logits") is not None:
+            expected.update({n: spec[0] for n, spec in array_specs(self.entry, self.num_classes).items()})
         for name, a in {**self.per_sample, "shard_done": self.shard_done, DIGESTS: self.digests}.items():
             if a is not None and str(a.dtype) not in expected[name].split("/"):
                 raise StoreDamage(f"store {self.path}: {name}/zarr.json says data type {a.dtype}, but the format "
@@ -141,8 +143,9 @@ class CacheStore:
         detected by comparing the documents afterwards. The writer lock (stage 1) then keeps out a
         second job.
         """
-        if dtype not in DTYPES:
-            raise UserError(f"cache dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if dtype not in DTYPES or dtype == "bfloat16" and not manifest.get("logits"):
+            raise UserError(f"cache dtype must be one of {', '.join(DTYPES)} (bfloat16 only with the manifest's "
+                            f"logits entry, which says how its uint16 array is read), got {dtype!r}")
         if samples_per_chunk < 1 or chunks_per_shard < 1:
             raise UserError("cache.samples_per_chunk and cache.chunks_per_shard must be >= 1")
         layout = (manifest, num_samples, num_views, num_classes, num_params, dtype,
@@ -206,11 +209,22 @@ class CacheStore:
         return self.group.attrs["status"]
 
     @property
+    def entry(self) -> dict:
+        """The manifest's `logits` entry (kdcache.encodings); a store whose manifest has none holds dense logits."""
+        return self.manifest.get("logits") or {"dtype": str(self.logits.dtype)}
+
+    @property
     def num_classes(self) -> int:
-        """K, the teacher's class count (a top-k store records it on `topk_indices`)."""
-        if self.logits is not None:
-            return self.logits.shape[-1]
-        return int(self.logit_arrays["topk_indices"].attrs["num_classes"])
+        """K, the teacher's class count: the last axis of dense logits or quantized codes, else recorded on the
+        array of class ids (`num_classes` attribute)."""
+        for name in ("logits", "quant_codes"):
+            if name in self.logit_arrays:
+                return self.logit_arrays[name].shape[-1]
+        name = class_id_arrays(self.entry)[0]
+        k = self.logit_arrays[name].attrs.get("num_classes")
+        if not isinstance(k, int) or k < 1:
+            raise StoreDamage(f"store {self.path}: {name} has no valid num_classes attribute: its zarr.json is damaged")
+        return k
 
     @property
     def logits_shape(self) -> tuple[int, int, int]:
@@ -224,17 +238,14 @@ class CacheStore:
 
     @property
     def read_itemsize(self) -> int:
-        """Bytes per logit of rows as `decode_logits(..., keep_dtype=True)` gives them (top-k: rebuilt in float32)."""
-        return 4 if self.topk else self.logits_dtype.itemsize
+        """Bytes per logit of rows as `decode_logits(..., keep_dtype=True)` gives them (`decoded_itemsize`)."""
+        return decoded_itemsize(self.entry)
 
     def describe_logits(self) -> str:
-        """'logits (N, V, K) DTYPE', and the top-k storage of a top-k store: what a message says the store holds."""
-        return f"logits {self.logits_shape} {self.logits_dtype}" + (f", top-{self.topk} storage" if self.topk else "")
-
-    @property
-    def topk(self) -> int | None:
-        """k of a top-k store (`cache.topk`), None when it holds the full logits."""
-        return None if self.logits is not None else self.logit_arrays["topk_values"].shape[-1]
+        """'logits (N, V, K) DTYPE', or how another encoding holds them: what a message says the store holds."""
+        if is_lossless(self.entry):
+            return f"logits {self.logits_shape} {self.logits_dtype}"
+        return f"logits {self.logits_shape} as {describe(self.entry)}"
 
     @property
     def num_shards(self) -> int:
@@ -337,7 +348,11 @@ def _replace(path) -> None:
 
 
 def _build(path, manifest, n, v, k, p, dtype, chunk, shard):
-    topk = logit_storage(manifest, k)  # checked before anything is written
+    entry = manifest.get("logits") or {"dtype": dtype}
+    try:  # checked before anything is written
+        check_entry(entry, "the new store", k)
+    except ValueError as e:
+        raise UserError(f"cannot create the store: {e}") from None
     group = zarr.open_group(str(path), mode="w-", zarr_format=3)
     group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION,
                         "format_minor_version": FORMAT_MINOR_VERSION, "status": "incomplete",
@@ -350,14 +365,9 @@ def _build(path, manifest, n, v, k, p, dtype, chunk, shard):
                          Crc32cCodec()],
             fill_value=0, dimension_names=dims, attributes=attributes)
 
-    if topk is None:
-        per_sample("logits", (n, v, k), dtype, np.dtype(dtype).itemsize, ("sample", "view", "class"))
-    else:
-        index = topk_index_dtype(k)
-        per_sample("topk_values", (n, v, topk), dtype, np.dtype(dtype).itemsize, ("sample", "view", "rank"))
-        per_sample("topk_indices", (n, v, topk), index, np.dtype(index).itemsize, ("sample", "view", "rank"),
-                   {"num_classes": k})  # K: the range of the indices, what the logits are rebuilt to
-        per_sample("rest_logmass", (n, v), "float32", 4, ("sample", "view"))
+    for name, (a_dtype, tail, dims) in array_specs(entry, k).items():
+        per_sample(name, (n, v, *tail), a_dtype, np.dtype(a_dtype).itemsize, ("sample", "view", *dims),
+                   {"num_classes": k} if name in class_id_arrays(entry) else None)  # K: the range of the ids
     per_sample("views", (n, v, p), "int32", 4, ("sample", "view", "param"))
     per_sample("labels", (n,), "int32", 4, ("sample",))
     num_shards = -(-n // shard)
@@ -390,9 +400,11 @@ def bad_values(name: str, values: np.ndarray, num_classes: int, samples: np.ndar
 
     values[i] is sample samples[i]; with `views`, of view views[i] (a reader's selection), else axis 1 is the view.
     """
-    if values.dtype.kind == "f":
+    if name == "logits" and values.dtype == np.uint16:  # bfloat16 bit patterns: all ones in the exponent
+        bad, what = (values & 0x7F80) == 0x7F80, "NaN/Inf"
+    elif values.dtype.kind == "f":
         bad, what = ~np.isfinite(values), "NaN/Inf"
-    elif name in ("labels", "topk_indices"):
+    elif name in ("labels", "topk_indices", "sampled_ids"):
         bad, what = (values < 0) | (values >= num_classes), f"a class outside 0..{num_classes - 1}"
     else:
         return None

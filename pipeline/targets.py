@@ -2,7 +2,8 @@
 
 - cached (offline KD): the store's logits and stage-2 statistics for the view each sample draws, loaded into
   memory once when they fit (`train.memory_gb`), else read from Zarr a block of `chunks_per_block` chunks at a
-  time (the next block in a background thread; the epoch order shuffles blocks of randomly chosen chunks);
+  time (the next block in a background thread, its chunks by a pool of threads; the epoch order shuffles blocks
+  of randomly chosen chunks);
 - live teacher (online KD): view parameters of the config's view space; the teacher runs on the very images
   the student sees;
 - no teacher (cross-entropy): the same views, no logits.
@@ -10,22 +11,26 @@
 `targets(...)` picks the mode; its `batches` give every batch's replayed input `x`, labels `y`, teacher logits
 `z_t` (None without a teacher) and the statistics the method reads, so the training loop never asks which.
 The student's input is re-created from the view's parameters by `apply_views`, the function stage 1 fed the
-teacher with, so cached targets match the inputs exactly.
+teacher with, so cached targets match the inputs exactly; it runs in `kdcache.inference.ViewBatches`, the
+Dataset stage 1 and `CacheDataset` read images through, in `train.workers` DataLoader processes.
 """
+import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from kdcache.dataset import block_shuffled, cached_stats, mix, store_bytes
-from kdcache.encodings import decode_logits
 from kdcache.errors import UserError
+from kdcache.inference import ViewBatches, replay_loader
 from kdcache.models import load_checkpoint
 from kdcache.sharing import group_exists
 from kdcache.store import CacheStore
-from kdcache.views import ViewSpace, apply_views
+from kdcache.views import ViewSpace
 
 READ_ROWS = 4096  # rows per read of the in-memory and live sources (lets the next read overlap training)
+READ_THREADS = min(8, os.cpu_count() or 1)  # threads reading a Zarr block's chunks
 
 
 def targets(cfg: dict, data, method, device) -> "Targets":
@@ -59,16 +64,27 @@ class Targets:
     def __init__(self, source: "Source", space: ViewSpace):
         self.source, self.space = source, space
 
-    def batches(self, data, views: np.ndarray, batch_size: int, seed: int, epoch: int, device, rank=0, world=1):
+    def batches(self, data, views: np.ndarray, batch_size: int, seed: int, epoch: int, device, rank=0, world=1,
+                workers: int = 0):
         """The epoch's batches: {ids, views (numpy), x (the replayed views), y, z_t, stats (by the method's
         names)}, in the order `source.blocks` gives. With `world` processes this one reads and trains on rows
         rank, rank + world, ... of every read, in batches of batch_size / world: the ranks' batches together
-        are the one process's batches (when reads hold multiples of `world` rows)."""
+        are the one process's batches (when reads hold multiples of `world` rows).
+
+        The source's batches (targets, view params; read ahead in its thread) are the keys of a DataLoader over
+        `ViewBatches`: `workers` processes decode and replay the inputs x, in order, a few batches ahead."""
         labels = torch.from_numpy(data.labels)
         source = self.source
         blocks = [rows[rank::world] for rows in source.blocks(len(data), seed, epoch)]
-        for b in source.batches(blocks, views, batch_size // world, epoch):
-            x = apply_views(batch_images(data, b["ids"], device), b["params"], self.space, data.mean, data.std)
+        waiting = deque()  # the source's batches whose x the loader is replaying, oldest first
+
+        def keys():
+            for b in source.batches(blocks, views, batch_size // world, epoch):
+                waiting.append(b)
+                yield b["ids"], b["params"]
+
+        for x in replay_loader(ViewBatches(data, self.space), keys(), workers, device):
+            b, x = waiting.popleft(), x.to(device, non_blocking=True)
             yield {"ids": b["ids"], "views": b["views"], "x": x, "y": labels[torch.from_numpy(b["ids"])].to(device),
                    "z_t": self.teacher_logits(b, x, device),
                    "stats": {k: torch.from_numpy(b[k]).to(device) for k in source.stat_names}}
@@ -91,7 +107,8 @@ class CachedTargets(Targets):
         self.store, self.overlay, self.fingerprint = store, overlay, store.fingerprint()
 
     def teacher_logits(self, batch, x, device):
-        return torch.from_numpy(batch["logits"]).to(device)
+        from kdcache.encodings import batch_targets  # dense logits, or a sampled store's Sampled targets
+        return batch_targets(batch, self.store.entry).to(device)
 
     def record(self):
         return {**super().record(), "store": self.store.path, "store_fingerprint": self.fingerprint,
@@ -205,20 +222,23 @@ class MemoryTargets(Source):
         return shuffled(n, seed, epoch)
 
     def read(self, rows, views, epoch=0):
-        logits = decode_logits({n: a[rows, views] for n, a in self.parts.items()}, self.num_classes)
-        return {"params": self.params[rows, views], "logits": logits,
+        from kdcache.encodings import decode_targets  # {"logits": ...}, or a sampled store's arrays
+        targets = decode_targets({n: a[rows, views] for n, a in self.parts.items()}, self.num_classes)
+        return {"params": self.params[rows, views], **targets,
                 **{k: a[rows, views] for k, a in self.stats.items()}}
 
 
 class ZarrTargets(Source):
-    """Logits and view params read from Zarr a block of whole chunks at a time (never row by row), and checked as
-    read like MemoryTargets' (finite, in range, each chunk the one stage 1 wrote there): zarr decodes whole chunks
-    anyway, so holding them costs memory for one block, not extra reading."""
+    """Logits read from Zarr a block of whole chunks at a time (never row by row), and checked as read like
+    MemoryTargets' (finite, in range, each chunk the one stage 1 wrote there): zarr decodes whole chunks anyway.
+    The view params, P integers per (sample, view) like P statistics, are loaded whole as the statistics are: a
+    Zarr read costs about a millisecond however small, and they would double the reads of a block."""
     kind = "zarr"
 
     def __init__(self, store: CacheStore, stats: dict, chunks_per_block: int):
         self.store, self.chunks_per_block = store, chunks_per_block
         self.digests = store.recorded_digests()
+        self.params = store.read_rows("views", slice(0, store.views.shape[0]), self.digests)
         self.stats = {k: a[...] for k, a in stats.items()}
         self.stat_names = tuple(stats)
 
@@ -226,18 +246,30 @@ class ZarrTargets(Source):
         return block_shuffled(n, seed, epoch, self.store.labels.chunks[0], self.chunks_per_block)
 
     def read(self, rows, views, epoch=0):
-        c, n = self.store.samples_per_chunk, self.store.views.shape[0]
-        chunks = np.unique(rows // c)
-        spans = [slice(int(k) * c, min((int(k) + 1) * c, n)) for k in chunks]
-        at = np.searchsorted(chunks, rows // c) * c + rows % c  # each row's place in the chunks read
-
-        def select(name):
-            whole = np.concatenate([self.store.read_rows(name, span, self.digests) for span in spans])
-            return whole[at, views]
-
-        parts = {name: select(name) for name in self.store.logit_arrays}
-        return {"params": select("views"), "logits": decode_logits(parts, self.store.num_classes),
+        picked = self.picked(rows, views)
+        from kdcache.encodings import decode_targets  # {"logits": ...}, or a sampled store's arrays
+        parts = {name: picked[name] for name in self.store.logit_arrays}
+        return {"params": self.params[rows, views], **decode_targets(parts, self.store.num_classes),
                 **{k: a[rows, views] for k, a in self.stats.items()}}
+
+    def picked(self, rows, views) -> dict[str, np.ndarray]:
+        """{logit array: values of view views[i] of sample rows[i]}. Each chunk the rows lie in is read whole and
+        checked (`read_rows`) by one of READ_THREADS threads (zarr's decompression and the checks release the
+        GIL), and only the rows' views are kept: no copy of the block's other V - 1 views."""
+        c, n = self.store.samples_per_chunk, self.store.views.shape[0]
+        names, chunk_of = self.store.logit_arrays, rows // c
+
+        def read_chunk(k):
+            mine, span = np.flatnonzero(chunk_of == k), slice(k * c, min((k + 1) * c, n))
+            return mine, {name: self.store.read_rows(name, span, self.digests)[rows[mine] - k * c, views[mine]]
+                          for name in names}
+
+        out = {}
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            for mine, values in pool.map(read_chunk, np.unique(chunk_of).tolist()):
+                for name, v in values.items():
+                    out.setdefault(name, np.empty((len(rows), *v.shape[1:]), v.dtype))[mine] = v
+        return out
 
 
 class LiveViews(Source):
@@ -267,9 +299,3 @@ class LiveViews(Source):
             return {"params": self.params[rows, views]}
         params = self.space.sample_params(rows, self.data.image_sizes(rows))
         return {"params": params[np.arange(len(rows)), views]}
-
-
-def batch_images(data, ids: np.ndarray, device):
-    """uint8 images of `ids` on `device` (a list for variable-size image folders)."""
-    images = data.batch(ids)
-    return images.to(device) if torch.is_tensor(images) else [img.to(device) for img in images]

@@ -27,7 +27,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from kdcache.errors import StoreDamage, UserError
-from kdcache.encodings import topk_index_dtype
+from kdcache.encodings import array_specs, bad_encoded_rows, describe, spot_check
 from kdcache.store import DIGESTS, EMPTY, FORMAT, CacheStore, bad_digest, bad_values, chunks_of, crc_ok
 
 
@@ -75,9 +75,8 @@ def format_info(info: dict) -> str:
     acc = "unknown" if t["test_accuracy"] is None else f"{t['test_accuracy']:.4f}"
     total = "sampled" if v["total_views"] is None else f"of {v['total_views']}"
     arrays = ", ".join(f"{n} {tuple(a['shape'])} {a['dtype']}" for n, a in info["arrays"].items()
-                       if n not in ("views", "labels", "shard_done"))
-    if info["logits"].get("storage") == "topk":
-        arrays = f"top-{info['logits']['k']} of the logits: {arrays}"
+                       if n not in ("views", "labels", "shard_done", DIGESTS))
+    arrays = f"{describe(info['logits'])}: {arrays}"
     states = info["statistics"]
     stats = (f"{len(states)} arrays, {sum(s == 'fresh' for s in states.values())} fresh: "
              + ", ".join(n if s == "fresh" else f"{n} ({s})" for n, s in states.items())
@@ -157,6 +156,7 @@ def verify_store(path, *, spot_check: int = 0, checkpoint=None, seed: int = 0, p
                 crc += _check_object(a, coords, where, required=True)
             values = _decode(a, rows, f"{where}: {name} shard {s} (samples {rows.start}..{rows.stop - 1})")
             _check_values(a, values, rows.start, K, space, image_size, where)
+            _raise_if(bad_encoded_rows(name, values, store.entry, rows.start), where)
             if digests is not None and name in digests:
                 recorded = digests[name][chunks_of(rows, store.samples_per_chunk)]
                 _raise_if(bad_digest(name, values, rows.start, store.samples_per_chunk, recorded), where)
@@ -223,9 +223,12 @@ def _check_shapes(store: CacheStore, arrays, where: str) -> dict:
     try:
         sizes = {"sample": m["dataset"]["num_samples"], "view": m["views"]["num_views"],
                  "class": m["teacher"]["num_classes"], "param": m["views"]["num_params"],
-                 "shard": store.num_shards, "rank": m["logits"].get("k")}
+                 "shard": store.num_shards}
+        specs = array_specs(m["logits"], sizes["class"])
     except (KeyError, TypeError) as e:
         raise CorruptStore(f"{where}: the manifest lacks {e}: its zarr.json is damaged") from None
+    for _, tail, dims in specs.values():  # the encoding's own axes (rank, draw): their sizes
+        sizes.update(zip(dims, tail))
     S = store.samples_per_shard
     if sizes["shard"] != -(-sizes["sample"] // S):
         raise CorruptStore(f"{where}: shard_done has {sizes['shard']} entries but {sizes['sample']} samples in "
@@ -237,9 +240,7 @@ def _check_shapes(store: CacheStore, arrays, where: str) -> dict:
                                    f"manifest says {sizes[dim]}")
         if "/" not in name and _dims(a)[:1] == ("sample",) and (a.shards or a.chunks)[0] != S:
             raise CorruptStore(f"{where}: {name} is sharded by {(a.shards or a.chunks)[0]} samples, the logits by {S}")
-    dtypes = {"logits": m["logits"].get("dtype"), "topk_values": m["logits"].get("dtype"),
-              "topk_indices": topk_index_dtype(sizes["class"]), "rest_logmass": "float32", "views": "int32",
-              "labels": "int32", "shard_done": "uint8"}
+    dtypes = {**{n: spec[0] for n, spec in specs.items()}, "views": "int32", "labels": "int32", "shard_done": "uint8"}
     for name, a in arrays:
         if name in dtypes and str(a.dtype) != dtypes[name]:
             raise CorruptStore(f"{where}: {name} is {a.dtype} but format version 1 (and the manifest) says {dtypes[name]}")
@@ -423,13 +424,7 @@ def _spot_check(store: CacheStore, n: int, checkpoint, seed: int, done: np.ndarr
         return a.oindex[samples][owner, views]
 
     got = model_logits(teacher, data, ids, pick(store.views)[:, None, :], space, batch_size=256)[:, 0]
-    if store.logits is not None:
-        stored = pick(store.logits).astype(np.float32)
-    else:  # a top-k store: its k values against the teacher's logits of the stored classes
-        stored = pick(store.logit_arrays["topk_values"]).astype(np.float32)
-        got = np.take_along_axis(got, pick(store.logit_arrays["topk_indices"]).astype(np.int64), 1)
-    tol = 2.0**-10 * np.maximum(1.0, np.abs(got).max(axis=1))
-    err = np.abs(stored - got).max(axis=1)
+    err, tol = spot_check({n: pick(a) for n, a in store.logit_arrays.items()}, got, store.entry)
     if (err > tol).any():
         j = int(np.flatnonzero(err > tol)[0])
         raise CorruptStore(f"{where}: logits of sample {ids[j]}, view {views[j]} differ from the teacher's by "

@@ -4,6 +4,11 @@ Work is split into shards of samples. A shard is computed, handed to a backgroun
 the teacher never waits for compression or the disk), written whole, and only then recorded done; a
 restarted run skips done shards. Shards are dealt round-robin to processes (--num-shards/--shard-index,
 or torchrun's WORLD_SIZE/RANK), so no shard is ever written by two processes.
+
+A store whose encoding loses information (top-k, quantized, sampled) cannot give back the std, min or power
+sums of the logits, so for those stage 1 also writes, from the float32 logits before encoding, the exact per-row
+statistics (`kdcache.stats.exact_outputs`, in stats/) with each shard, before it is recorded done, and seals
+them with the fingerprint when the store is complete: stage 2 and stage 3 use them instead of decoded values.
 """
 import os
 import queue
@@ -22,7 +27,8 @@ from kdcache.files import disk_full
 from kdcache.inference import accuracy, model_logits
 from kdcache.models import load_checkpoint, select_device
 from kdcache.sharing import writer_lock
-from kdcache.encodings import encode_logits, logits_entry
+from kdcache.encodings import encode_logits, is_lossless, logits_entry
+from kdcache.stats import block_statistics, check_settings, exact_arrays, seal_exact
 from kdcache.store import CacheStore
 from kdcache.views import ViewSpace
 
@@ -38,7 +44,9 @@ def cache_teacher(cfg: dict, *, num_shards: int = 1, shard_index: int = 0, overw
     dcfg, ccfg = cfg["dataset"], check_cache(cfg["cache"])
     data = load_dataset(dcfg["name"], "train", root=dcfg["root"], subset=dcfg["subset"], **dcfg["options"])
     space = ViewSpace.from_config(cfg["views"], data.image_size)
-    entry = logits_entry(ccfg["dtype"], ccfg["topk"], data.num_classes)  # checks cache.topk before the teacher runs
+    entry = logits_entry(ccfg, data.num_classes)  # checks cache.encoding before the teacher runs
+    # a lossy store gets the exact per-row statistics at the stats section's gammas (checked before the teacher runs)
+    settings = None if is_lossless(entry) else check_settings(cfg["stats"])
     rows = ccfg["samples_per_chunk"] * ccfg["chunks_per_shard"]  # zarr holds a whole shard in memory
     check_memory(rows * space.num_views * 4 * (data.num_classes + space.num_params + 1) + 16 * ccfg["chunks_per_shard"],
                  f"a shard of cache.samples_per_chunk x cache.chunks_per_shard = {rows} samples x {space.num_views} views")
@@ -70,7 +78,7 @@ def cache_teacher(cfg: dict, *, num_shards: int = 1, shard_index: int = 0, overw
     lock = writer_lock(store.path, f"cache-teacher-{shard_index}-of-{num_shards}", job=f"cache-teacher-of-{num_shards}")
     with disk_full(store.path, lambda: f"{int(store.done().sum())}/{store.num_shards} shards are written and "
                    "recorded done, the others are redone next time; the store stays incomplete"):
-        with lock, ShardWriter(store) as writer:
+        with lock, ShardWriter(store, exact_arrays(store, settings) if settings and todo else []) as writer:
             for shard in tqdm(todo, desc=f"stage 1 shards (process {shard_index}/{num_shards})",
                               disable=not progress, unit="shard"):
                 rows = store.shard_rows(shard)
@@ -78,8 +86,10 @@ def cache_teacher(cfg: dict, *, num_shards: int = 1, shard_index: int = 0, overw
                 params = space.sample_params(ids, _image_sizes(data, ids))
                 logits = model_logits(teacher, data, ids, params, space, batch_size=ccfg["batch_size"],
                                       device=device, amp=ccfg["amp"], workers=ccfg["workers"])
-                stored = _checked_cast(logits, entry, shard)
-                writer.put(shard, stored, params, data.labels[ids].astype(np.int32))
+                stored = _checked_cast(logits, entry, shard, ids)
+                writer.put(shard, stored, params, data.labels[ids].astype(np.int32), logits)
+        if settings and store.status != "complete" and store.done().all():
+            seal_exact(store)  # before the status: a kill in between leaves them to seal at the next run
         store.mark_complete_if_done()
     return store
 
@@ -111,14 +121,14 @@ def _image_sizes(data, ids):
     return data.image_size if data.image_size is not None else data.image_sizes(ids)
 
 
-def _checked_cast(logits: np.ndarray, entry: dict, shard: int) -> dict:
-    """The arrays the store holds of the float32 logits (`encode_logits` by the manifest's `logits` entry, what
-    `CacheStore.write_shard` takes); refuse NaN/Inf teacher outputs (and float16 overflow) instead of caching garbage."""
+def _checked_cast(logits: np.ndarray, entry: dict, shard: int, ids: np.ndarray) -> dict:
+    """The arrays the store holds of the float32 logits of samples `ids` (`encode_logits` by the manifest's `logits`
+    entry, what `CacheStore.write_shard` takes; a sampled store's draws keyed by sample id); refuse NaN/Inf teacher outputs (and float16 overflow) instead of caching garbage."""
     bad = int((~np.isfinite(logits)).sum())
     if bad:
         raise UserError(f"the teacher produced {bad} NaN/Inf logits in shard {shard}; nothing of it was "
                         "written and the store stays incomplete (check the checkpoint and input normalisation)")
-    stored = encode_logits(logits, entry)
+    stored = encode_logits(logits, entry, ids=ids)
     over = sum(int((~np.isfinite(v)).sum()) for v in stored.values() if v.dtype.kind == "f")
     if over:
         raise UserError(f"{over} logits in shard {shard} exceed the float16 range; "
@@ -130,26 +140,35 @@ class ShardWriter:
     """A background thread that writes finished shards while the teacher computes the next ones.
 
     The queue holds at most two shards, so a slow disk applies back-pressure instead of filling memory.
-    An error in the writer is re-raised in the caller at the next put() or at exit.
+    An error in the writer is re-raised in the caller at the next put() or at exit. `exact`: the (output,
+    array) pairs of a lossy store's exact statistics (`kdcache.stats.exact_arrays`): the writer computes them
+    from the float32 logits (off the teacher's thread too) and writes them before the shard's data and record,
+    so a shard recorded done has them, and a redone one rewrites them.
     """
 
-    def __init__(self, store: CacheStore):
-        self.store, self.queue, self.error = store, queue.Queue(maxsize=2), None
+    def __init__(self, store: CacheStore, exact=()):
+        self.store, self.exact, self.queue, self.error = store, list(exact), queue.Queue(maxsize=2), None
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
 
     def __enter__(self):
         self.thread.start()
         return self
 
-    def put(self, shard, logits, views, labels):
+    def put(self, shard, stored, views, labels, logits=None):
+        """`stored`: what `write_shard` takes; `logits`: the float32 logits, for the exact statistics."""
         self._raise()
-        self.queue.put((shard, logits, views, labels))
+        self.queue.put((shard, stored, views, labels, logits))
 
     def _run(self):
         while (item := self.queue.get()) is not None:
             if self.error is None:
                 try:
-                    self.store.write_shard(*item)
+                    shard, stored, views, labels, logits = item
+                    if self.exact:
+                        rows = block_statistics(logits, labels, [o for o, _ in self.exact], 1)[0]
+                        for j, (_, a) in enumerate(self.exact):
+                            a[self.store.shard_rows(shard)] = rows[..., j]
+                    self.store.write_shard(shard, stored, views, labels)
                 except BaseException as e:  # handed to the main thread
                     self.error = e
 

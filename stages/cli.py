@@ -204,7 +204,9 @@ def stats_cmd(store, config_path, sets, statistics, t_base, gammas, std, ece_bin
 @click.option("--out", help="Run folder (overrides train.out); an existing run there is resumed.")
 @click.option("--seed", type=click.IntRange(min=0), help="Seed of the student's init, views and order (overrides seed).")
 @click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (overrides train.epochs).")
-def train_cmd(config_path, sets, device, store, overlay, online, augment, views_used, out, seed, epochs):
+@click.option("--workers", type=click.IntRange(min=0),
+              help="DataLoader processes decoding images and replaying views; 0: in process (sets train.workers).")
+def train_cmd(config_path, sets, device, store, overlay, online, augment, views_used, out, seed, epochs, workers):
     """Stage 3: train the config's student with its distillation method against the cached targets.
 
     Writes metrics.jsonl (per epoch), checkpoint.pt, student.pt and result.json into the run folder;
@@ -213,7 +215,7 @@ def train_cmd(config_path, sets, device, store, overlay, online, augment, views_
     from kdcache.stages.train_student import train_student
     cfg = load_config(config_path, {"device": device, "seed": seed, "cache": {"store": store, "stats": overlay},
                                     "train": {"online": online, "augment": augment, "views_used": views_used,
-                                              "out": out, "epochs": epochs}}, sets=sets)
+                                              "out": out, "epochs": epochs, "workers": workers}}, sets=sets)
     r = train_student(cfg)
     click.echo(f"{r['method']} ({r['mode']}, {r['student']}): last test accuracy {r['last_accuracy']:.4f}, "
                f"best {r['best_accuracy']:.4f} (epoch {r['best_epoch']}); {cfg['train']['out']}/result.json")

@@ -15,6 +15,12 @@ fingerprint is written last, so an array without one is an interrupted computati
 same settings does nothing; new settings add arrays; arrays from other logits (stale) are recomputed
 by `compute_stats` and refused by `read_stat` (kdcache.stats).
 
+Lossy stores (top-k, quantized, sampled: `kdcache.encodings.is_lossless`) come with exact per-row arrays that
+stage 1 wrote from the teacher's float32 logits (kdcache.stats, "Exact statistics"): those are up to date here,
+the LS and max-logit temperatures are derived from them (`kdcache.stats.derivation`, `exact: true`), and only
+the rest is computed from the decoded logits (`exact: false`, with a warning for a value a method reads). A
+store without dense logits (sampled targets) gives only those: the rest is skipped with a warning.
+
 Consumers of a shared store need not write it: with `out`, the same stats/ arrays go to a separate
 statistics overlay store tied to the cache by its fingerprint (pipeline/sharing.py), which is how a
 read-only store (http(s), no write permission) gets statistics; `read_stat(..., overlay=...)` reads them.
@@ -25,25 +31,24 @@ store at the same path (a shared file system) or URL (with the credentials in th
 have kdcache installed.
 """
 import contextlib
+import logging
 from pathlib import Path
 
 import dask
 import dask.array as da
 import numpy as np
 import torch
-from zarr.codecs import BloscCodec, Crc32cCodec
 
-import kdcache
 from kdcache.cluster import dask_client
-from kdcache.errors import UserError, is_int
+from kdcache.errors import StoreDamage, UserError, is_int
 from kdcache.files import disk_full
-from kdcache.stats import (STATISTICS, Output, block_statistics, check_settings, class_statistics, plan_outputs,
-                            read_stat, stat_dtype, stat_state)
+from kdcache.stats import (Output, block_statistics, check_settings, class_statistics, computed_record, create_array,
+                            derivation, exact_array, plan_outputs, read_stat, stat_state, uncomputable)
 from kdcache.sharing import ReadOnlyStore, open_overlay, writer_lock
-from kdcache.encodings import decode_logits
-from kdcache.store import CacheStore, check_rows, chunks_of, reading
+from kdcache.encodings import decode_logits, describe, is_lossless
+from kdcache.store import CacheStore, bad_values, check_rows, chunks_of, reading
 
-COMPRESSORS = [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=4), Crc32cCodec()]
+log = logging.getLogger(__name__)
 
 
 def compute_stats(path, settings: dict, *, out=None, scheduler: str | None = None, workers: int | None = None,
@@ -86,23 +91,54 @@ def compute_stats(path, settings: dict, *, out=None, scheduler: str | None = Non
 def _compute(store: CacheStore, root, out, settings, run) -> dict:
     group = root.require_group("stats")
     fingerprint = store.fingerprint()
-    state = {o.name: stat_state(group, o, fingerprint, store.path if out is None else out) for o in plan_outputs(settings)}
-    todo = [o for o in plan_outputs(settings) if state[o.name] != "fresh"]
-    summary = {"store": store.path, "overlay": out, "computed": [o.name for o in todo],
-               "stale": [n for n, s in state.items() if s == "stale"],
-               "up_to_date": [n for n, s in state.items() if s == "fresh"]}
-    if not todo:
+    plan = plan_outputs(settings)
+    state = {o.name: stat_state(group, o, fingerprint, store.path if out is None else out) for o in plan}
+    lossy = not is_lossless(store.entry)
+    fresh = [o for o in plan if state[o.name] == "fresh" or out is not None and exact_array(store, o) is not None]
+    todo, derived, skipped = [], [], []  # from the logits; (output, exact array, factor); not computable here
+    for o in (o for o in plan if o not in fresh):
+        d = derivation(o) if lossy else None
+        source = None if d is None else exact_array(store, d[0])
+        if source is not None:
+            derived.append((o, source, d[1]))
+        elif uncomputable(store, o):
+            skipped.append(o)
+        else:
+            todo.append(o)
+    summary = {"store": store.path, "overlay": out, "computed": [o.name for o in todo + [d[0] for d in derived]],
+               "stale": [o.name for o in todo + [d[0] for d in derived] if state[o.name] == "stale"],
+               "up_to_date": [o.name for o in fresh],
+               "skipped": [o.name for o in skipped]}
+    if skipped:
+        log.warning(f"skipped stats/{', stats/'.join(o.name for o in skipped)}: store {store.path} holds "
+                    f"{describe(store.entry)}, which give no logits to compute them from (only stage 1's exact "
+                    "statistics and the temperatures derived from them)")
+    approximate = [o.name for o in todo if lossy and o.statistic in read_by_methods()]
+    if approximate:
+        log.warning(f"store {store.path} holds {describe(store.entry)} and no exact "
+                    f"stats/{', stats/'.join(approximate)} from stage 1: computed from the decoded logits, approximate "
+                    "(stage 1 writes exact ones, power sums at stats.gammas, when it builds the store: "
+                    "kdcache cache-teacher --overwrite)")
+    if not todo and not derived:
         return summary
 
+    attributes = {} if not lossy else {"exact": False, "source": "stage 2, from the decoded logits"}
     for o in todo:
-        _create(group, o, store)
-    run(_graph(store, group, todo, settings["ece_bins"]))
-    record = {"logits_fingerprint": fingerprint, "logits_shape": list(store.logits_shape),
-              "logits_dtype": str(store.logits_dtype), "computed_in": "float32",
-              "kdcache_version": kdcache.__version__}
-    for o in todo:  # last: an array without a fingerprint is an interrupted run
+        create_array(group, o, store, block_samples(store), attributes)
+    for o, source, factor in derived:
+        create_array(group, o, store, block_samples(store),
+                     {"exact": True, "source": f"stage 2, {factor!r} x {source.path} (exact)"})
+    run((_graph(store, group, todo, settings["ece_bins"]) if todo else []) + _derive(store, group, derived))
+    record = computed_record(store)
+    for o in todo + [d[0] for d in derived]:  # last: an array without a fingerprint is an interrupted run
         group[o.name].update_attributes(record)
     return summary
+
+
+def read_by_methods() -> set[str]:
+    """The statistics some method's loss reads (their approximate values change what a student learns)."""
+    from kdcache.methods import METHODS, build
+    return {stat for name in METHODS for stat, _ in build(name).statistics().values()}
 
 
 def plot_stats(path, settings: dict, out_dir, *, overlay=None) -> list[Path]:
@@ -113,7 +149,7 @@ def plot_stats(path, settings: dict, out_dir, *, overlay=None) -> list[Path]:
 
     settings = check_settings(settings)
     store = CacheStore.open(path)
-    planned = {o.statistic: o for o in plan_outputs(settings)}
+    planned = {o.statistic: o for o in plan_outputs(settings) if not uncomputable(store, o)}  # sampled: fewer
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -211,6 +247,30 @@ def _graph(store: CacheStore, group, todo: list[Output], ece_bins: int) -> list:
     return [stored] if isinstance(stored, da.Array) else list(stored)
 
 
+def _derive(store: CacheStore, group, derived: list) -> list:
+    """Dask collections that store float32(factor) x an exact array (as the kernel computes it) into each derived
+    output's (created) array, a logits shard per task, each reading its rows checked (`_multiple`)."""
+    if not derived:
+        return []
+    task, V = dask.delayed(_multiple, pure=True), store.logits_shape[1]
+    shards = [store.shard_rows(s) for s in range(store.num_shards)]
+    sources = [da.concatenate([da.from_delayed(task(store.path, a, rows, f), shape=(rows.stop - rows.start, V),
+                                               dtype=np.float32) for rows in shards]) for _, a, f in derived]
+    stored = da.store(sources, [group[o.name] for o, _, _ in derived], lock=False, compute=False)
+    return [stored] if isinstance(stored, da.Array) else list(stored)
+
+
+def _multiple(path, a, rows: slice, factor: float) -> np.ndarray:
+    """float32(factor) x `rows` of the statistics array `a`, read checked (StoreDamage for undecodable bytes or a
+    NaN/Inf: statistics of finite logits are finite)."""
+    with reading(path, a, rows):
+        values = a[rows]
+    problem = bad_values(a.path, values, 0, np.arange(rows.start, rows.stop))
+    if problem is not None:
+        raise StoreDamage(f"store {path}: {problem}: the statistics are damaged; run `kdcache verify {path}`")
+    return np.float32(factor) * values
+
+
 def _block(path, arrays: dict, rows: slice, chunk: int, digests: dict | None, num_classes: int, outputs, ece_bins):
     """The Dask task of one block: read `rows` of the logits (or a top-k store's arrays) and labels, check them as
     they are read (finite, labels in range, the rows recorded there: `check_rows`, StoreDamage naming them), then
@@ -251,25 +311,6 @@ def _check_store(store: CacheStore):
                         "finish stage 1 (kdcache cache-teacher) before computing statistics")
     if store.num_classes < 2:
         raise UserError(f"store {store.path} has {store.num_classes} class(es); statistics need at least 2")
-
-
-def _create(group, o: Output, store: CacheStore):
-    """An empty output array (replacing a stale or incomplete one) with its statistic and parameters."""
-    N, V, K = store.logits_shape
-    shards = None
-    if o.per_row:  # laid out like the logits: a shard per logits shard, a chunk per Dask block
-        shape, chunks, dims = (N, V), (block_samples(store), V), ("sample", "view")
-        if chunks[0] != store.samples_per_shard:
-            shards = (store.samples_per_shard, V)
-    else:
-        shape = {"class_mean_softmax": (K, K), "ece": ()}.get(o.statistic, (K,))
-        chunks, dims = shape, {0: (), 1: ("class",), 2: ("class", "class")}[len(shape)]
-    dtype = stat_dtype(o)
-    fill = {"bool": False, "int64": 0}.get(dtype, float("nan"))
-    group.create_array(o.name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, fill_value=fill,
-                       compressors=COMPRESSORS if o.per_row else [Crc32cCodec()], dimension_names=dims, overwrite=True,
-                       attributes={"statistic": o.statistic, "description": STATISTICS[o.statistic][0],
-                                   "params": o.params})
 
 
 @contextlib.contextmanager

@@ -20,6 +20,9 @@ saving RNG states.
 `train.validation: M` evaluates on the last M training images instead of the test split, for
 choosing settings without looking at test accuracy (the training subset must stop before them).
 
+`train.workers: N` decodes images and replays views in N DataLoader processes, a few batches ahead of the
+loop (kdcache.targets); the steps are the same as with 0.
+
 Several processes (`torchrun --nproc-per-node N kdcache train ...`): DistributedDataParallel, gloo on CPUs,
 nccl on GPUs. Every rank walks the same epoch order and takes rows rank, rank + N, ... of each read, in
 batches of batch_size / N, so the ranks' batches together are one process's batches and the averaged
@@ -59,7 +62,7 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
     t = check_train(cfg["train"])
     method = build(t["method"], t["params"])  # parameters checked and defaults filled in, once
     params = method.params
-    device, rank, world = processes(select_device(cfg["device"]), t["batch_size"])
+    device, rank, world, own_group = processes(select_device(cfg["device"]), t["batch_size"])
     d = cfg["dataset"]
     data = load_dataset(d["name"], "train", root=d["root"], subset=d["subset"], **d["options"])
     if t["validation"] is None:
@@ -99,8 +102,8 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
                 views = subset[np.arange(N), views]
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, ce, kd, correct (summed over samples)
         epoch_start = time.perf_counter()
-        bar = tqdm(source.batches(data, views, bs, seed, epoch, device, rank, world), total=steps, leave=False,
-                   desc=f"stage 3 epoch {epoch + 1}/{t['epochs']}",
+        batches = source.batches(data, views, bs, seed, epoch, device, rank, world, workers=t["workers"])
+        bar = tqdm(batches, total=steps, leave=False, desc=f"stage 3 epoch {epoch + 1}/{t['epochs']}",
                    disable=None if progress else True)  # None: no bar when stderr is not a terminal (logs)
         for step, b in enumerate(bar):
             lr = learning_rate(t, epoch + step / steps)
@@ -144,6 +147,8 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
         if progress and rank == 0:
             print(f"epoch {epoch + 1}/{t['epochs']}: loss {loss_sum:.4f}, train acc {correct:.4f}, "
                   f"test acc {test_acc:.4f} ({train_seconds:.1f} s)", flush=True)
+    if own_group:
+        dist.destroy_process_group()  # the one processes() started; the last collective was the epoch's all_reduce
 
     best = max(metrics, key=lambda m: m["test_accuracy"])
     result = {
@@ -168,24 +173,27 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
     return result
 
 
-def processes(device: torch.device, batch_size: int) -> tuple[torch.device, int, int]:
-    """(device, rank, world size). Under torchrun (WORLD_SIZE > 1) the process group starts here, gloo on CPUs,
-    nccl on GPUs with GPU LOCAL_RANK; each rank then trains on its share of every batch (one process: 0, 1)."""
+def processes(device: torch.device, batch_size: int) -> tuple[torch.device, int, int, bool]:
+    """(device, rank, world size, whether the process group was started here). Under torchrun (WORLD_SIZE > 1)
+    the process group starts here unless the caller started one, gloo on CPUs, nccl on GPUs with GPU LOCAL_RANK;
+    each rank then trains on its share of every batch (one process: 0, 1). train_student destroys a group it
+    started when the training ends."""
     world = os.environ.get("WORLD_SIZE", "1")
     if not world.isdigit() or int(world) < 1:
         raise UserError(f"WORLD_SIZE={world!r} (from torchrun) must be an integer >= 1")
     world = int(world)
     if world == 1:
-        return device, 0, 1
+        return device, 0, 1, False
     if batch_size % world:
         raise UserError(f"train.batch_size {batch_size} must be a multiple of the {world} processes: each takes an "
                         "equal share of every batch")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    own_group = not dist.is_initialized()
+    if own_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, dist.get_rank(), dist.get_world_size()
+    return device, dist.get_rank(), dist.get_world_size(), own_group
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -223,6 +231,7 @@ def check_train(t: dict) -> dict:
     need("lr_decay", number(0, 1, open_low=True), "a number in (0, 1]")
     need("memory_gb", number(0), "a number >= 0 (GiB; 0 always reads from Zarr)")
     need("chunks_per_block", integer(1), "an integer >= 1")
+    need("workers", integer(0), "an integer >= 0 (DataLoader processes replaying the views; 0: in process)")
     need("eval_batch_size", integer(1), "an integer >= 1")
     need("out", lambda v: isinstance(v, str) and v, "a folder path")
     if t["augment"] == "fresh" and t["views_used"] is not None:

@@ -19,6 +19,7 @@ from kdcache.models import build_model, load_checkpoint, save_checkpoint
 from kdcache.store import CacheStore
 from kdcache.views import ViewSpace, apply_views
 from kdcache.stages.cache_teacher import ShardWriter, cache_teacher
+from kdcache.stats import check_settings, exact_arrays
 from tests.conftest import REPO, image_folder, kdcache, write_config
 
 
@@ -105,6 +106,34 @@ def test_writer_runs_in_background_and_reports_errors(smoke_cfg):
     assert not rec.done()[1]
 
 
+def test_writer_writes_a_lossy_stores_exact_rows_before_the_record(smoke_cfg):
+    """The exact statistics of a shard (stage 1 of a top-k store) are written before its data and record, so a
+    shard recorded done has them; a redone shard rewrites them."""
+    smoke_cfg["cache"]["topk"] = 2
+    store = cache_teacher(smoke_cfg, progress=False)
+    exact = exact_arrays(store, check_settings(smoke_cfg["stats"]))
+    assert [o.name for o, _ in exact][:3] == ["mean", "std_unbiased", "std_population"]
+    seen = []
+
+    class Recording(CacheStore):
+        def write_shard(self, shard, *a):
+            seen.append(np.stack([x[self.shard_rows(shard)] for _, x in exact], axis=-1))
+            super().write_shard(shard, *a)
+
+    rec = Recording(store.group, store.path)
+    rows = rec.shard_rows(1)
+    rec.shard_done[1] = 0
+    before = np.stack([x[rows] for _, x in exact], axis=-1)
+    constant = np.full((rows.stop - rows.start, store.views.shape[1], 4), 7.0, np.float32)  # other logits
+    with ShardWriter(rec, exact) as w:
+        w.put(1, {n: a[rows] for n, a in store.logit_arrays.items()}, store.views[rows], store.labels[rows], constant)
+    assert np.isfinite(before).all() and rec.done()[1]
+    want = {"mean": 7, "std_unbiased": 0, "max": 7, "min": 7, "logsumexp": 7 + np.log(4), "entropy": np.log(4)}
+    for j, (o, _) in enumerate(exact):  # the writer's statistics of the logits put, written before the record
+        if o.name in want:
+            np.testing.assert_allclose(seen[0][..., j], want[o.name], rtol=1e-6, err_msg=o.name)
+
+
 # ---- bad input: one-line error, non-zero exit, nothing marked complete --------------------------------
 
 def run_cli(*args):
@@ -127,6 +156,7 @@ def bad_case(cfg, tmp_path, **change):
     ({"teacher__arch": "resnet_of_doom"}, "resnet_of_doom"),
     ({"dataset__name": "fashion-mnist", "dataset__root": "/nonexistent/data", "dataset__options": {}},
      "/nonexistent/data"),
+    ({"cache__topk": 2, "stats__gammas": [0.1, -1]}, "stats.gammas (gamma) must be a finite number > 0, got -1"),
 ])
 def test_bad_input_is_one_line_error(smoke_cfg, tmp_path, change, message):
     code, out = run_cli("cache-teacher", "--config", bad_case(smoke_cfg, tmp_path, **change))

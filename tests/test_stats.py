@@ -1,7 +1,10 @@
 """Stage 2: every statistic against a direct float64 NumPy computation of its formula (docs/METHODS.md),
 on stores built from logits chosen here; skipping, new parameters, stale and refused stores; the
-threaded scheduler against a real LocalCluster of 2 processes; the CLI and its plots."""
+threaded scheduler against a real LocalCluster of 2 processes; the CLI and its plots; the temperatures
+stage 2 derives on lossy stores (tests/test_exact_stats.py has those stores end to end)."""
+import contextlib
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -13,7 +16,8 @@ from kdcache.stages.cli import cli
 from kdcache.config import DEFAULTS
 from kdcache.errors import UserError
 from kdcache.losses import max_logit_temperature, standardize, teacher_power_sum
-from kdcache.stats import block_statistics, check_settings, number_name, output, plan_outputs
+from kdcache.encodings import encode_logits
+from kdcache.stats import block_statistics, check_settings, derivation, number_name, output, plan_outputs
 from kdcache.store import CacheStore, manifest_sha256
 from kdcache.stages.compute_stats import compute_stats, read_stat
 
@@ -33,6 +37,20 @@ def make_store(path, logits, labels, *, dtype="float16", complete=True, samples_
                           labels[rows].astype(np.int32))
     store.mark_complete_if_done()
     return str(path)
+
+
+@contextlib.contextmanager
+def warnings_of_kdcache():
+    """The warning lines kdcache logs (its logger may not propagate once the CLI ran in this process)."""
+    lines = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("kdcache")
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
 
 
 def reference(z, y, *, t_base, gammas, std, bins):
@@ -152,6 +170,53 @@ def test_kernel_temperatures_and_power_sums_equal_the_training_losses(case):
             standardize(z, unbiased=True).abs().amax(dim=-1)] + [teacher_power_sum(z, g) for g in (0.1, 1.0, 2.5)]
     for j, (o, w) in enumerate(zip(outs, want)):
         np.testing.assert_allclose(rows[..., j].reshape(-1), w.numpy(), rtol=2e-6, atol=1e-6, err_msg=o.name)
+
+
+@pytest.mark.parametrize("case", ["random-float32", "large-float32", "K=1000"])
+def test_derived_temperatures_are_the_kernels_bit_for_bit(tmp_path, case):
+    """Stage 2 derives the LS and max-logit temperatures of a lossy store as float32(factor) x stage 1's exact
+    std / max |Z| (`derivation`): the very numbers the kernel gives a dense store, so the two stores agree."""
+    make, dtype, _ = CASES[case]
+    rng = np.random.default_rng(len(case))
+    logits = make(rng).astype(dtype)
+    path = make_store(tmp_path / "s.zarr", logits, rng.integers(0, logits.shape[-1], logits.shape[0]), dtype=dtype)
+    for std in ("unbiased", "population"):
+        settings = dict(SETTINGS, std=std, t_base=1.7, statistics=["std", "max_abs_zscore", "ls_temperature",
+                                                                    "mlt_temperature"])
+        compute_stats(path, settings, progress=False)
+        stats = zarr.open_group(path, mode="r")["stats"]
+        derived = [o for o in plan_outputs(check_settings(settings)) if derivation(o) is not None]
+        assert [o.statistic for o in derived] == ["ls_temperature", "mlt_temperature"]
+        for o in derived:
+            source, factor = derivation(o)
+            np.testing.assert_array_equal(stats[o.name][...], np.float32(factor) * stats[source.name][...], o.name)
+
+
+def test_a_topk_store_without_exact_arrays_gets_approximate_ones_with_a_warning(tmp_path):
+    """A top-k store without stage 1's exact arrays (written before they existed): stage 2 computes everything from
+    the decoded logits, marks it `exact: false`, and says so once for what a method reads."""
+    rng = np.random.default_rng(7)
+    logits, labels = rng.normal(0, 3, (20, 2, 6)).astype(np.float32), rng.integers(0, 6, 20)
+    entry = {"dtype": "float32", "storage": "topk", "k": 2}
+    store = CacheStore.create(tmp_path / "s.zarr", {"test": "stats", "logits": entry}, num_samples=20, num_views=2,
+                              num_classes=6, num_params=1, dtype="float32", samples_per_chunk=8, chunks_per_shard=2)
+    for shard in range(store.num_shards):
+        rows = store.shard_rows(shard)
+        store.write_shard(shard, encode_logits(logits[rows], entry), np.zeros((rows.stop - rows.start, 2, 1), np.int32),
+                          labels[rows].astype(np.int32))
+    store.mark_complete_if_done()
+    settings = dict(SETTINGS, statistics=["entropy", "mlt_temperature", "wttm_power_sum"], gammas=[0.1])
+    with warnings_of_kdcache() as lines:
+        done = compute_stats(store.path, settings, progress=False)
+    assert done["computed"] == ["entropy", "mlt_temperature_unbiased", "wttm_power_sum_gamma0.1"]
+    assert lines == [f"store {store.path} holds top-2 of the logits (float32 values) and no exact "
+                     "stats/mlt_temperature_unbiased, "
+                     "stats/wttm_power_sum_gamma0.1 from stage 1: computed from the decoded logits, approximate "
+                     "(stage 1 writes exact ones, power sums at stats.gammas, when it builds the store: "
+                     "kdcache cache-teacher --overwrite)"]
+    for name in done["computed"]:
+        assert store.group["stats"][name].attrs["exact"] is False
+    assert read_stat(store, "entropy").attrs["source"] == "stage 2, from the decoded logits"
 
 
 def test_population_std_and_new_parameters_add_arrays_rerun_does_nothing(tmp_path):

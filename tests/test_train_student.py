@@ -19,7 +19,7 @@ from kdcache.stages.cache_teacher import cache_teacher
 from kdcache.dataset import block_shuffled, epoch_views
 from kdcache.stages.train_student import learning_rate, train_student
 from kdcache.targets import MemoryTargets, ZarrTargets, open_store, shuffled
-from tests.conftest import REPO, kdcache, write_config
+from tests.conftest import REPO, image_folder, kdcache, write_config
 
 SMOKE_TRAIN = REPO / "configs" / "smoke" / "train.yaml"
 
@@ -143,6 +143,53 @@ def test_memory_and_zarr_blocks_give_the_same_batches(cfg):
 def test_training_from_zarr_blocks(cfg):
     result, steps = run(cfg, memory_gb=0, epochs=1)
     assert result["targets"] == "zarr" and all(math.isfinite(s["loss"]) for s in steps)
+
+
+def same_run(cfg, tmp_path, **train):
+    """Per-step records and final weights of a run with train.workers 0 and of one with 2: asserted identical."""
+    runs = []
+    for workers in (0, 2):
+        cfg["train"]["out"] = str(tmp_path / f"workers{workers}")
+        result, steps = run(cfg, workers=workers, **train)
+        weights = torch.load(tmp_path / f"workers{workers}" / "student.pt", weights_only=True)["state_dict"]
+        runs.append((result, steps, weights))
+    (r0, s0, w0), (r2, s2, w2) = runs
+    assert len(s0) == len(s2) > 0
+    for a, b in zip(s0, s2):
+        assert (a["epoch"], a["step"], a["loss"], a["ce"], a["kd"]) == (b["epoch"], b["step"], b["loss"], b["ce"], b["kd"])
+        np.testing.assert_array_equal(a["ids"], b["ids"])
+        np.testing.assert_array_equal(a["views"], b["views"])
+    assert w0.keys() == w2.keys() and all(torch.equal(w0[k], w2[k]) for k in w0)
+    assert r0["last_accuracy"] == r2["last_accuracy"]
+    return s0
+
+
+@pytest.mark.parametrize("train", [
+    {"method": "kd"},                                      # offline, targets in memory
+    {"method": "mlt", "memory_gb": 0},                     # offline, Zarr blocks, cached statistics
+    {"method": "kd", "online": True},                      # the teacher on the replayed views
+    {"method": "ce", "augment": "fresh"}])                 # no teacher, a new view every step
+def test_dataloader_workers_take_the_steps_of_one_process(cfg, tmp_path, train):
+    """train.workers 2 replays the views in two DataLoader processes: over two epochs, every step's samples,
+    views and losses and the final weights are bit-identical to replaying them in the training process."""
+    steps = same_run(cfg, tmp_path, epochs=2, **train)
+    assert len(steps) == 2 * math.ceil(128 / cfg["train"]["batch_size"])
+    assert (max(s["kd"] for s in steps) > 0) == (train["method"] != "ce")
+
+
+def test_dataloader_workers_decode_an_image_folder(cfg, tmp_path):
+    """Variable-size PNG files with resized-crop views (CE, fresh views): decoded and replayed in the workers,
+    the same steps as in the training process."""
+    image_folder(tmp_path, {"cat": 6, "dog": 5})
+    cfg["dataset"] = {"name": "imagefolder", "root": str(tmp_path / "images"), "subset": None, "options": {}}
+    cfg["views"] = {"kind": "resized_crop_flip", "size": 16, "views": 3}
+    same_run(cfg, tmp_path, method="ce", student="fmnist_mlp", batch_size=4, epochs=2)
+
+
+def test_refuses_a_negative_number_of_workers(cfg):
+    cfg["train"]["workers"] = -1
+    with pytest.raises(UserError, match="train.workers must be an integer >= 0"):
+        train_student(cfg, progress=False)
 
 
 # ---- methods, schedules -------------------------------------------------------------------------
@@ -315,10 +362,12 @@ def test_refuses_unknown_config_keys_and_resuming_another_config(cfg):
 def test_cli_trains_and_reports_errors_on_one_line(cfg, tmp_path):
     config = write_config(cfg, tmp_path / "train.yaml")
     runner = CliRunner()
-    ok = runner.invoke(cli, ["train", "--config", str(config), "--epochs", "1", "--out", str(tmp_path / "cli")])
+    ok = runner.invoke(cli, ["train", "--config", str(config), "--epochs", "1", "--out", str(tmp_path / "cli"),
+                             "--workers", "1"])
     assert ok.exit_code == 0, ok.output
     assert "kd (offline, fmnist_cnn): last test accuracy" in ok.output
-    assert json.loads((tmp_path / "cli" / "result.json").read_text())["config"]["train"]["epochs"] == 1
+    train = json.loads((tmp_path / "cli" / "result.json").read_text())["config"]["train"]
+    assert (train["epochs"], train["workers"]) == (1, 1)
     bad = runner.invoke(cli, ["train", "--config", str(config), "--cache", str(tmp_path / "none.zarr")])
     assert bad.exit_code == 1 and "Error: no cache store at" in bad.output and "Traceback" not in bad.output
 

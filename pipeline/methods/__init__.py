@@ -32,10 +32,11 @@ def distill_loss(method, z_s, z_t, labels, *, params, stats=None, epoch):
     """The distillation term L_distill of `method` (without CE and w_kd), checking `params` at every call: a
     training loop builds its method once instead.
 
-    z_s, z_t: raw student / teacher logits (B, K); labels: (B,) class indices (DKD). stats: optional cached
-    per-row tensors from stage 2, used instead of recomputation ("temperature" for mlt: the teacher's T_i, for
-    "joint" the student's side is still computed per step; "power_sum" for wttm: U_gamma), computed with the
-    same gamma / std choice as `params`. epoch: the current epoch counted from 1 (DKD's warm-up).
+    z_s, z_t: raw student / teacher logits (B, K), or for z_t a sampled store's targets (kdcache.encodings.Sampled:
+    kd, ttm and wttm take them at the store's temperature, the others refuse them); labels: (B,) class indices
+    (DKD). stats: optional cached per-row tensors from stage 2, used instead of recomputation ("temperature" for
+    mlt: the teacher's T_i, for "joint" the student's side is still computed per step; "power_sum" for wttm:
+    U_gamma), computed with the same gamma / std choice as `params`. epoch: the current epoch counted from 1 (DKD's warm-up).
     """
     return build(method, params).loss(z_s, z_t, labels, stats or {}, epoch)
 

@@ -1,5 +1,6 @@
 """What every distillation method is: parameters with published defaults and their checks, the stage-2
 statistics it reads, and its loss. A run builds its method once; the per-step `loss` checks nothing."""
+from kdcache.encodings import Sampled
 from kdcache.errors import UserError, is_int, is_number
 
 # The checks a parameter's value passes: (is it valid, what it must be, normalise).
@@ -42,6 +43,21 @@ class Method:
         return {}
 
     def loss(self, z_s, z_t, labels, stats, epoch):
-        """L_distill (without CE and w_kd) of raw student / teacher logits (B, K); labels (B,); stats: per-row
-        tensors by `statistics`' names (computed from z_t where missing); epoch counts from 1."""
+        """L_distill (without CE and w_kd) of raw student / teacher logits (B, K), or of a sampled store's targets
+        (kdcache.encodings.Sampled) where the method takes them; labels (B,); stats: per-row tensors by
+        `statistics`' names (computed from z_t where missing); epoch counts from 1."""
         raise NotImplementedError
+
+    def dense(self, z_t):
+        """z_t, which this method needs as all K teacher logits: a sampled store's targets are refused (one line)."""
+        if isinstance(z_t, Sampled):
+            raise refuse_sampled(self.name, z_t.temperature, "needs all K teacher logits")
+        return z_t
+
+
+def refuse_sampled(method, temperature, why) -> UserError:
+    """The error for a method (or its settings) that cannot train on targets sampled at `temperature`, naming
+    those that can."""
+    return UserError(f"method {method!r} {why}, which a sampled store (targets drawn at temperature "
+                     f"{temperature:g}) does not hold: use kd with T: {temperature:g} (standardize: false), or ttm "
+                     f"/ wttm with gamma: {1 / temperature:g}, or a store of another cache.encoding")

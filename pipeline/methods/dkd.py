@@ -13,7 +13,7 @@ class DKD(Method):
     ls_defaults = {"T": 2.0, "alpha": 9.0, "beta": 72.0}  # T = T_base, alpha and beta x the kd weight 9
 
     def loss(self, z_s, z_t, labels, stats, epoch):
-        p = self.params
+        p, z_t = self.params, self.dense(z_t)
         if p["standardize"]:
             z_s, z_t = standardize(z_s, p["unbiased_std"]), standardize(z_t, p["unbiased_std"])
         return dkd_warmup(epoch, p["warmup"]) * dkd_loss(z_s, z_t, labels, p["alpha"], p["beta"], p["T"])

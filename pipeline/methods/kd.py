@@ -1,6 +1,9 @@
 """KD (Hinton et al. 2015), and KD+LS with `standardize: true` (Sun et al. 2024): docs/METHODS.md."""
-from kdcache.losses import kd_loss, standardize
-from kdcache.methods.base import FLAG, NON_NEGATIVE, POSITIVE, Method
+import math
+
+from kdcache.encodings import Sampled
+from kdcache.losses import kd_loss, sampled_kd_loss, standardize
+from kdcache.methods.base import FLAG, NON_NEGATIVE, POSITIVE, Method, refuse_sampled
 
 
 class KD(Method):
@@ -11,6 +14,11 @@ class KD(Method):
 
     def loss(self, z_s, z_t, labels, stats, epoch):
         p = self.params
+        if isinstance(z_t, Sampled) and not p["standardize"]:  # sampled targets: an unbiased estimate at T = T_s
+            if not math.isclose(p["T"], z_t.temperature, rel_tol=1e-6):
+                raise refuse_sampled(self.name, z_t.temperature, f"with T: {p['T']:g} needs the teacher at that T")
+            return sampled_kd_loss(z_s, z_t.ids, z_t.counts, z_t.entropy, p["T"])
+        z_t = self.dense(z_t)
         if p["standardize"]:
             z_s, z_t = standardize(z_s, p["unbiased_std"]), standardize(z_t, p["unbiased_std"])
         return kd_loss(z_s, z_t, p["T"])

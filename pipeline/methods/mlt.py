@@ -18,7 +18,7 @@ class MLT(Method):
         return {"temperature": ("mlt_temperature", {"std": std})}  # the teacher's T_i
 
     def loss(self, z_s, z_t, labels, stats, epoch):
-        unbiased = self.params["unbiased_std"]
+        unbiased, z_t = self.params["unbiased_std"], self.dense(z_t)
         t = stats.get("temperature")
         if t is None:
             t = max_logit_temperature(z_t, unbiased=unbiased)

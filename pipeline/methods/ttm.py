@@ -1,6 +1,16 @@
 """TTM (Zheng & Yang 2024): a temperature 1/gamma on the teacher only (docs/METHODS.md)."""
-from kdcache.losses import ttm_loss
-from kdcache.methods.base import NON_NEGATIVE, POSITIVE, Method
+import math
+
+from kdcache.encodings import Sampled
+from kdcache.losses import sampled_ttm_loss, ttm_loss
+from kdcache.methods.base import NON_NEGATIVE, POSITIVE, Method, refuse_sampled
+
+
+def check_gamma(method, gamma, z_t) -> None:
+    """Sampled targets are the teacher at temperature T_s = 1/gamma or nothing: UserError otherwise."""
+    if not math.isclose(gamma * z_t.temperature, 1.0, rel_tol=1e-6):
+        raise refuse_sampled(method, z_t.temperature, f"with gamma: {gamma:g} needs the teacher at temperature "
+                             f"{1 / gamma:g}")
 
 
 class TTM(Method):
@@ -8,4 +18,7 @@ class TTM(Method):
     parameters = {"gamma": (0.1, POSITIVE), "w_ce": (1.0, NON_NEGATIVE), "w_kd": (100.0, NON_NEGATIVE)}
 
     def loss(self, z_s, z_t, labels, stats, epoch):
+        if isinstance(z_t, Sampled):
+            check_gamma(self.name, self.params["gamma"], z_t)
+            return sampled_ttm_loss(z_s, z_t.ids, z_t.counts, z_t.entropy)
         return ttm_loss(z_s, z_t, self.params["gamma"])

@@ -1,0 +1,204 @@
+"""Reading at scale: batches per second of stage 3's target sources on a K = 1000 store that the page cache
+does not hold, side by side in one run.
+
+The store: N samples x V views x K = 1000 float16 teacher-like logits (`imagenet_like_logits` of
+bench_topk.py), written shard by shard with CacheStore as stage 1 writes it (default layout: 256-sample chunks,
+16 per shard, zstd 5 + shuffle, digests). Its images are a small synthetic data set (4 classes, 16x16, one
+channel: only CacheDataset replays them, and cheaply) whose fingerprint the manifest records.
+
+Page-cache budget: zero pages of the store between epochs. Before every timed epoch of a Zarr reader each file of
+the store is fsync'ed and dropped from the page cache with os.posix_fadvise(POSIX_FADV_DONTNEED), so every epoch
+reads the whole store from the disk; the bytes read from the block device (/proc/self/io read_bytes: this
+process and its DataLoader workers, which are counted when they exit) are recorded per epoch to show it. The in-memory sources load the store once (timed apart).
+
+Timed, one epoch each, interleaved `--repeats` times, batch 256, the epoch order each source uses in stage 3:
+- memory: MemoryTargets (`train.memory_gb` large enough), the reference;
+- zarr: ZarrTargets (`train.memory_gb: 0`, `train.chunks_per_block`);
+- zarr-compared (with --compare FILE): the ZarrTargets of another version's targets.py, for a before/after;
+- dataset-memory / dataset-zarr-w0 / dataset-zarr-w2: CacheDataset (targets loaded, or read from Zarr chunks)
+  + ChunkSampler through a DataLoader with 0 or 2 workers (these also replay the images).
+Ratios are medians of the per-round ratios to the round's reference. Last, where a chunk read's time goes
+(`chunk_costs`): zarr alone, with the reader's checks, and the codec alone.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_reader.py [--samples 16384] [--views 8] [--repeats 5]
+"""
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_topk import K, imagenet_like_logits  # noqa: E402
+from kdcache.data import load_dataset  # noqa: E402
+from kdcache.dataset import CacheDataset, ChunkSampler, epoch_views  # noqa: E402
+from kdcache.store import CacheStore  # noqa: E402
+from kdcache.targets import MemoryTargets, ZarrTargets  # noqa: E402
+from kdcache.views import ViewSpace  # noqa: E402
+
+BATCH = 256
+
+
+def write_store(path: Path, n: int, v: int) -> CacheStore:
+    """A complete K = 1000 store of n samples x v views, written shard by shard as stage 1 writes it."""
+    data = load_dataset("synthetic", "train", num_samples=n, num_classes=4, channels=1, size=16)
+    space = ViewSpace.from_config({"kind": "crop_flip", "padding": 2, "flip": True, "views": v, "seed": 0},
+                                  data.image_size)
+    manifest = {"teacher": {"arch": "synthetic (bench_topk.imagenet_like_logits)", "num_classes": K},
+                "dataset": data.describe(), "views": space.to_manifest(), "logits": {"dtype": "float16"},
+                "preprocessing": {"mean": list(data.mean), "std": list(data.std), "resolution": space.output_size}}
+    store = CacheStore.create(path, manifest, num_samples=n, num_views=v, num_classes=K,
+                              num_params=space.num_params)
+    for shard in range(store.num_shards):
+        rows = store.shard_rows(shard)
+        ids = np.arange(rows.start, rows.stop)
+        z, y = imagenet_like_logits(len(ids), v, seed=shard)
+        store.write_shard(shard, z.astype(np.float16), space.sample_params(ids, data.image_size), y)
+    store.mark_complete_if_done()
+    return store
+
+
+def evict(path: Path) -> None:
+    """Drop every page of the store's files from the page cache (after writing back any dirty ones)."""
+    for f in path.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def disk_bytes() -> int:
+    """Bytes this process (and its exited children) has read from the block device so far."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+def source_epoch(source, n: int, views, seed: int, epoch: int) -> int:
+    return sum(1 for _ in source.batches(source.blocks(n, seed, epoch), views, BATCH, epoch))
+
+
+def dataset_epoch(ds: CacheDataset, workers: int, seed: int, epoch: int) -> int:
+    ds._chunks.clear()  # no chunk kept from the last epoch: the page-cache budget applies to it too
+    sampler = ChunkSampler(ds, seed=seed)
+    ds.set_epoch(epoch)
+    sampler.set_epoch(epoch)
+    return sum(1 for _ in DataLoader(ds, batch_size=BATCH, sampler=sampler, num_workers=workers))
+
+
+def chunk_costs(store: CacheStore, repeats: int = 20) -> dict:
+    """Where a Zarr chunk read's time goes, per chunk of the logits (median ms, page cache warm): the zarr read
+    alone, `read_rows` (the read + the finite/in-range check + the digest), and the codec alone on the same
+    rows (numcodecs Blosc zstd 5 + shuffle, the store's codec; lz4 for comparison)."""
+    from numcodecs import Blosc
+    a, c, digests = store.per_sample["logits"], store.samples_per_chunk, store.recorded_digests()
+    rows = slice(0, c)
+    values = a[rows]
+
+    def ms(f):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times)
+
+    out = {"zarr_read": ms(lambda: a[rows]), "read_rows": ms(lambda: store.read_rows("logits", rows, digests))}
+    for cname in ("zstd", "lz4"):
+        codec = Blosc(cname=cname, clevel=5, shuffle=Blosc.SHUFFLE)
+        encoded = codec.encode(values)
+        out[f"blosc_{cname}_decode"] = ms(lambda: codec.decode(encoded))
+        out[f"blosc_{cname}_compression_ratio"] = values.nbytes / len(encoded)
+    out["chunk_bytes"] = values.nbytes
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=16384)
+    ap.add_argument("--views", type=int, default=8)
+    ap.add_argument("--chunks-per-block", type=int, default=16, help="train.chunks_per_block of the Zarr readers")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--skip-datasets", action="store_true", help="time the stage-3 sources only")
+    ap.add_argument("--compare", help="a targets.py of another version, e.g. `git show 26ff60e:pipeline/targets.py "
+                                      "> /tmp/before.py`: its ZarrTargets is timed side by side (zarr-compared)")
+    ap.add_argument("--out", default="benchmarks/results/reader.json")
+    args = ap.parse_args()
+    n, v, seed = args.samples, args.views, 0
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k1000.zarr"
+        start = time.perf_counter()
+        store = write_store(path, n, v)
+        print(f"store {n} x {v} x {K}: {sum(f.stat().st_size for f in path.rglob('*') if f.is_file()) / 2**20:.0f} MiB "
+              f"on disk, written in {time.perf_counter() - start:.0f} s", flush=True)
+        on_disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        start = time.perf_counter()
+        memory = MemoryTargets(store, {})
+        load_seconds = time.perf_counter() - start
+        zarr_source = ZarrTargets(store, {}, args.chunks_per_block)
+        readers = {"memory": lambda e: source_epoch(memory, n, epoch_views(n, v, seed, e), seed, e),
+                   "zarr": lambda e: source_epoch(zarr_source, n, epoch_views(n, v, seed, e), seed, e)}
+        if args.compare:
+            spec = importlib.util.spec_from_file_location("targets_compared", args.compare)
+            other = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(other)
+            compared = other.ZarrTargets(store, {}, args.chunks_per_block)
+            readers["zarr-compared"] = lambda e: source_epoch(compared, n, epoch_views(n, v, seed, e), seed, e)
+        if not args.skip_datasets:
+            in_memory = CacheDataset(path, memory_gb=1e9, cache_chunks=args.chunks_per_block)
+            chunked = CacheDataset(path, memory_gb=0, cache_chunks=args.chunks_per_block)
+            readers.update({"dataset-memory": lambda e: dataset_epoch(in_memory, 0, seed, e),
+                            "dataset-zarr-w0": lambda e: dataset_epoch(chunked, 0, seed, e),
+                            "dataset-zarr-w2": lambda e: dataset_epoch(chunked, 2, seed, e)})
+        rate = {name: [] for name in readers}
+        read = {name: [] for name in readers}
+        for r in range(args.repeats):
+            for name, epoch in readers.items():
+                evict(path)
+                before, start = disk_bytes(), time.perf_counter()
+                batches = epoch(r)
+                rate[name].append(batches / (time.perf_counter() - start))
+                read[name].append(disk_bytes() - before)
+                print(f"round {r + 1} {name}: {rate[name][-1]:.1f} batches/s, {read[name][-1] / 2**20:.0f} MiB "
+                      "read from disk", flush=True)
+
+        costs = chunk_costs(store)
+        print("per chunk (ms): " + ", ".join(f"{k} {x:.2f}" for k, x in costs.items()), flush=True)
+
+    def over(name, ref):
+        return statistics.median(a / b for a, b in zip(rate[name], rate[ref]))
+
+    result = {"samples": n, "views": v, "classes": K, "batch_size": BATCH, "chunks_per_block": args.chunks_per_block,
+              "store_bytes_on_disk": on_disk, "load_seconds_memory": load_seconds, "repeats": args.repeats,
+              "page_cache": "every store file fsync'ed + POSIX_FADV_DONTNEED before each timed epoch",
+              "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+              "batches_per_second": rate, "disk_bytes_read_per_epoch": read,
+              "median_batches_per_second": {k: statistics.median(x) for k, x in rate.items()},
+              "ratio_zarr_over_memory": over("zarr", "memory"), "chunk_costs_ms": costs}
+    if args.compare:
+        result.update(compared=args.compare, ratio_compared_over_memory=over("zarr-compared", "memory"),
+                      ratio_zarr_over_compared=over("zarr", "zarr-compared"))
+    if not args.skip_datasets:
+        result.update({f"ratio_{name}_over_dataset-memory": over(name, "dataset-memory")
+                       for name in ("dataset-zarr-w0", "dataset-zarr-w2")})
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: x for k, x in result.items() if k.startswith(("median", "ratio", "load"))}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+"""Exact statistics of lossy stores: stage 1 writes the per-row statistics from the teacher's float32 logits, stage 2
+derives the temperatures from them, stage 3 reads them; a top-k, a quantized and a sampled store then give the
+statistics of the dense store of the same teacher, which the decoded logits do not."""
+import json
+import shutil
+import signal
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+from kdcache.config import load_config
+from kdcache.dataset import cached_stats
+from kdcache.encodings import decode_logits
+from kdcache.errors import StoreDamage, UserError
+from kdcache.methods import build
+from kdcache.stats import (STAGE1, block_statistics, check_settings, exact_outputs, output, plan_outputs,
+                           read_stat)
+from kdcache.stages.cache_teacher import cache_teacher
+from kdcache.stages.compute_stats import compute_stats, plot_stats
+from kdcache.stages.train_student import train_student
+from kdcache.store import CacheStore
+from kdcache.targets import MemoryTargets, ZarrTargets
+from tests.conftest import REPO, kdcache, write_config
+from tests.test_stats import reference, warnings_of_kdcache
+
+STATS = {"statistics": "all", "gammas": [0.1, 0.3]}
+ENCODINGS = {"dense": "dense", "top2": {"topk": 2}, "q8": {"quantized": 8},
+             "sampled": {"sampled": 8, "temperature": 1.0}}
+# what the methods read and what they are made of, by (statistic, params)
+COMPARED = [("ls_temperature", {"t_base": 2.0, "std": "unbiased"}), ("mlt_temperature", {"std": "unbiased"}),
+            ("wttm_power_sum", {"gamma": 0.1}), ("wttm_power_sum", {"gamma": 0.3}), ("std", {"std": "unbiased"}),
+            ("std", {"std": "population"}), ("max_abs_zscore", {"std": "population"}), ("mean", {}), ("max", {}),
+            ("min", {}), ("logsumexp", {}), ("entropy", {})]
+
+
+def config(teacher_ckpt, path, encoding, **stats):
+    """The smoke train config (128 samples x 18 views, K = 4) in float32, stage-2 settings `STATS` + `stats`."""
+    return load_config(REPO / "configs" / "smoke" / "train.yaml", {
+        "teacher": {"checkpoint": str(teacher_ckpt)},
+        "cache": {"store": str(path), "dtype": "float32", "encoding": encoding}, "stats": {**STATS, **stats}})
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, teacher_ckpt):
+    """One teacher cached dense, top-2, quantized to 8 bits and sampled (8 draws), each with stages 1 and 2 run
+    (both std conventions)."""
+    tmp = tmp_path_factory.mktemp("exact")
+    cfgs = {}
+    for name, encoding in ENCODINGS.items():
+        cfgs[name] = config(teacher_ckpt, tmp / f"{name}.zarr", encoding)
+        cache_teacher(cfgs[name], progress=False)
+        for std in ("unbiased", "population"):
+            compute_stats(cfgs[name]["cache"]["store"], dict(cfgs[name]["stats"], std=std), progress=False)
+    return cfgs
+
+
+def open_(cfg):
+    return CacheStore.open(cfg["cache"]["store"])
+
+
+@pytest.mark.parametrize("name", ["top2", "q8", "sampled"])
+def test_a_lossy_store_gives_the_dense_stores_temperatures_and_power_sums(stores, name):
+    dense, lossy = open_(stores["dense"]), open_(stores[name])
+    z = dense.logits[...].astype(np.float64)  # the teacher's float32 logits
+    n, v, k = z.shape
+    for std in ("unbiased", "population"):
+        formulas, _ = reference(z.reshape(n * v, k), np.repeat(dense.labels[...], v), t_base=2.0, gammas=[0.1, 0.3],
+                                std=std, bins=15)
+        for stat, params in COMPARED:
+            if params.get("std", std) != std:
+                continue
+            a = read_stat(lossy, stat, **params)
+            assert a.attrs["exact"] is True, a.path
+            np.testing.assert_allclose(a[...], read_stat(dense, stat, **params)[...], rtol=1e-6, err_msg=a.path)
+            np.testing.assert_allclose(a[...].reshape(-1), formulas[a.basename], rtol=1e-4, atol=1e-5, err_msg=a.path)
+
+
+def test_decoded_topk_logits_give_other_temperatures(stores):
+    """What the exact arrays correct: stage 2 on the top-2 store's decoded logits is far off (hence the test above
+    could fail), while what the decoded logits keep (max, logsumexp) is the same."""
+    top = open_(stores["top2"])
+    logits = decode_logits({n: a[...] for n, a in top.logit_arrays.items()}, top.num_classes)
+    outs = [output("ls_temperature", t_base=2.0, std="unbiased"), output("mlt_temperature", std="unbiased"),
+            output("max"), output("logsumexp")]
+    decoded = block_statistics(logits, top.labels[...], outs, 15)[0]
+    error = {o.statistic: np.abs(decoded[..., j] / read_stat(top, o.statistic, **o.params)[...] - 1).max()
+             for j, o in enumerate(outs)}
+    assert error["ls_temperature"] > 0.05 and error["mlt_temperature"] > 0.05, error
+    assert error["max"] < 1e-6 and error["logsumexp"] < 1e-6, error
+
+
+def test_what_each_stage_writes_and_records(stores):
+    dense, top = open_(stores["dense"]), open_(stores["top2"])
+    assert all("exact" not in a.attrs for _, a in dense.group["stats"].arrays())  # lossless: as before
+    s = top.group["stats"]
+    for o in exact_outputs(check_settings(stores["top2"]["stats"])):  # stage 1: a chunk per shard, sealed
+        a = s[o.name]
+        assert a.attrs["exact"] is True and a.attrs["source"] == STAGE1, o.name
+        assert a.attrs["logits_fingerprint"] == top.fingerprint() and a.chunks == (top.samples_per_shard, 18)
+    assert s["ls_temperature_t2_unbiased"].attrs["source"] == "stage 2, 2.0 x stats/std_unbiased (exact)"
+    assert "max_abs_zscore_unbiased" in s["mlt_temperature_unbiased"].attrs["source"]
+    for name in ("margin", "top1_correct", "class_accuracy", "class_mean_softmax"):  # from the decoded logits
+        assert s[name].attrs["exact"] is False and "logits_fingerprint" in s[name].attrs, name
+    # stage 1 alone: the exact arrays, no stats/ in a lossless store
+    for name in ("dense", "top2"):
+        cfg = json.loads(json.dumps(stores[name]))
+        cfg["cache"]["store"] = cfg["cache"]["store"].replace(".zarr", "-stage1.zarr")
+        group = cache_teacher(cfg, progress=False).group
+        assert sorted(group["stats"].array_keys() if "stats" in group else []) == (
+            [] if name == "dense" else sorted(o.name for o in exact_outputs(check_settings(cfg["stats"]))))
+
+
+def exact_values(store):
+    return {name: a[...] for name, a in store.group["stats"].arrays() if a.attrs.get("source") == STAGE1}
+
+
+def test_a_resumed_run_and_a_redone_shard_give_the_same_exact_arrays(stores, teacher_ckpt, tmp_path):
+    cfg = config(teacher_ckpt, tmp_path / "resumed.zarr", ENCODINGS["top2"])
+    store = cache_teacher(cfg, num_shards=2, shard_index=1, progress=False)  # the odd shards only
+    assert store.status == "incomplete"
+    half = exact_values(store)
+    S = store.samples_per_shard
+    odd = (np.arange(store.labels.shape[0]) // S) % 2 == 1
+    for name, values in half.items():  # rows of done shards written, the others not; nothing sealed
+        assert np.isfinite(values[odd]).all() and np.isnan(values[~odd]).all(), name
+        assert "logits_fingerprint" not in store.group["stats"][name].attrs
+    with pytest.raises(UserError, match="incomplete"):
+        compute_stats(cfg["cache"]["store"], cfg["stats"], progress=False)
+    # shard 1 to be redone: its record cleared, its exact rows overwritten with garbage
+    store.shard_done[1] = 0
+    for name in half:
+        store.group["stats"][name][S:2 * S] = -1.0
+    store = cache_teacher(cfg, progress=False)
+    assert store.status == "complete"
+    want = exact_values(open_(stores["top2"]))
+    assert sorted(exact_values(store)) == sorted(want)
+    for name, values in exact_values(store).items():
+        np.testing.assert_array_equal(values, want[name], err_msg=name)
+        assert store.group["stats"][name].attrs["logits_fingerprint"] == store.fingerprint()
+    # a complete store is left alone; --overwrite builds it again, exact arrays included
+    stamp = (tmp_path / "resumed.zarr" / "stats" / "mean" / "zarr.json").stat().st_mtime_ns
+    cache_teacher(cfg, progress=False)
+    assert (tmp_path / "resumed.zarr" / "stats" / "mean" / "zarr.json").stat().st_mtime_ns == stamp
+    store = cache_teacher(cfg, overwrite=True, progress=False)
+    for name, values in exact_values(store).items():
+        np.testing.assert_array_equal(values, want[name], err_msg=name)
+        assert store.group["stats"][name].attrs["logits_fingerprint"] == store.fingerprint()
+
+
+def test_a_gamma_configured_part_way_is_left_to_stage_2_with_a_warning(stores, teacher_ckpt, tmp_path):
+    first = config(teacher_ckpt, tmp_path / "g.zarr", ENCODINGS["top2"], gammas=[0.1])
+    second = config(teacher_ckpt, tmp_path / "g.zarr", ENCODINGS["top2"], gammas=[0.1, 0.3])
+    cache_teacher(first, num_shards=2, shard_index=0, progress=False)
+    with warnings_of_kdcache() as lines:
+        store = cache_teacher(second, progress=False)
+    assert lines == [f"store {store.path}: stats/wttm_power_sum_gamma0.3 lacks the rows of shards written by a run "
+                     "configured without it; stage 2 computes it from the decoded logits (approximate) unless the "
+                     "store is rebuilt"]
+    s = store.group["stats"]
+    assert "logits_fingerprint" in s["wttm_power_sum_gamma0.1"].attrs
+    assert "logits_fingerprint" not in s["wttm_power_sum_gamma0.3"].attrs
+    with warnings_of_kdcache() as lines:
+        done = compute_stats(store.path, dict(second["stats"], statistics=["wttm_power_sum"]), progress=False)
+    assert done["computed"] == ["wttm_power_sum_gamma0.3"] and done["up_to_date"] == ["wttm_power_sum_gamma0.1"]
+    assert len(lines) == 1 and "stats/wttm_power_sum_gamma0.3 from stage 1: computed from the decoded logits, " \
+                               "approximate" in lines[0]
+    assert s["wttm_power_sum_gamma0.3"].attrs["exact"] is False
+    dense = open_(stores["dense"])
+    np.testing.assert_array_equal(read_stat(store, "wttm_power_sum", gamma=0.1)[...],
+                                  read_stat(dense, "wttm_power_sum", gamma=0.1)[...])
+
+
+def test_an_overlay_takes_the_stores_exact_arrays(stores, tmp_path):
+    """Stage 2 into an overlay derives new temperatures from the store's exact arrays and copies nothing; readers
+    given the overlay find the store's exact arrays."""
+    path, overlay = stores["top2"]["cache"]["store"], str(tmp_path / "overlay.zarr")
+    settings = dict(stores["top2"]["stats"], statistics=["std", "ls_temperature", "mlt_temperature", "wttm_power_sum"],
+                    t_base=3.0)
+    done = compute_stats(path, settings, out=overlay, progress=False)
+    assert done["computed"] == ["ls_temperature_t3_unbiased"]
+    assert set(done["up_to_date"]) == {"std_unbiased", "mlt_temperature_unbiased", "wttm_power_sum_gamma0.1",
+                                       "wttm_power_sum_gamma0.3"}
+    assert sorted(zarr.open_group(overlay, mode="r")["stats"].array_keys()) == ["ls_temperature_t3_unbiased"]
+    top, dense = open_(stores["top2"]), open_(stores["dense"])
+    np.testing.assert_allclose(read_stat(top, "ls_temperature", t_base=3.0, std="unbiased", overlay=overlay)[...],
+                               3 * read_stat(dense, "std", std="unbiased")[...], rtol=1e-6)
+    for method, params in (("mlt", {}), ("wttm", {"gamma": 0.3})):
+        got = cached_stats(top, build(method, params), overlay)
+        want = cached_stats(dense, build(method, params))
+        assert got.keys() == want.keys()
+        for key in got:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_deriving_from_a_damaged_exact_array_is_refused(stores, tmp_path):
+    shutil.copytree(stores["top2"]["cache"]["store"], tmp_path / "damaged.zarr")
+    store = CacheStore.open(tmp_path / "damaged.zarr", mode="r+")
+    store.group["stats"]["std_unbiased"][3, 5] = np.inf
+    with pytest.raises(StoreDamage, match=r"stats/std_unbiased at sample 3, view 5 holds NaN/Inf: inf"):
+        compute_stats(store.path, dict(stores["top2"]["stats"], statistics=["ls_temperature"], t_base=5.0),
+                      progress=False)
+
+
+@pytest.mark.parametrize("method, params", [("mlt", {}), ("wttm", {"gamma": 0.1}), ("wttm", {"gamma": 0.3})])
+def test_stage3_reads_the_exact_temperature_and_power_sum(stores, method, params):
+    """The per-row values stage 3 feeds a method's loss, from a top-k store, are the dense store's."""
+    top, dense = open_(stores["top2"]), open_(stores["dense"])
+    m = build(method, params)
+    rows = np.arange(0, 128, 5)
+    views = np.random.default_rng(0).integers(0, 18, rows.size)
+    want = cached_stats(dense, m)
+    for source in (MemoryTargets(top, cached_stats(top, m)), ZarrTargets(top, cached_stats(top, m), 2)):
+        batch = source.read(rows, views)
+        for key in want:
+            np.testing.assert_array_equal(batch[key], want[key][rows, views], err_msg=key)
+
+
+def steps_of(cfg, tmp_path, name, **cache):
+    c = json.loads(json.dumps(cfg))
+    c["cache"].update(cache)
+    c["train"].update(method="mlt", out=str(tmp_path / name))
+    steps = []
+    train_student(c, progress=False, on_step=steps.append)
+    return np.array([s["kd"] for s in steps])
+
+
+def test_training_on_a_topk_store_uses_the_exact_temperature(stores, tmp_path):
+    """mlt from the top-2 store trains step for step as from a dense store holding its decoded logits with the
+    teacher's exact temperature, and not as with the temperature of those decoded logits."""
+    top = open_(stores["top2"])
+    shutil.copytree(stores["dense"]["cache"]["store"], tmp_path / "rebuilt.zarr")  # with the dense store's stats/
+    rebuilt = CacheStore.open(tmp_path / "rebuilt.zarr", mode="r+")
+    for shard in range(rebuilt.num_shards):  # rewritten as stage 1 writes: the rows, their digests, the record
+        rows = rebuilt.shard_rows(shard)
+        rebuilt.write_shard(shard, decode_logits({n: a[rows] for n, a in top.logit_arrays.items()}, 4),
+                            rebuilt.views[rows], rebuilt.labels[rows])
+    compute_stats(rebuilt.path, stores["top2"]["stats"], out=tmp_path / "decoded.zarr", progress=False)
+    got = steps_of(stores["top2"], tmp_path, "top2")
+    np.testing.assert_allclose(got, steps_of(stores["top2"], tmp_path, "exact", store=rebuilt.path), rtol=1e-5)
+    decoded = steps_of(stores["top2"], tmp_path, "decoded", store=rebuilt.path, stats=str(tmp_path / "decoded.zarr"))
+    assert np.abs(decoded / got - 1).max() > 1e-3
+
+
+def test_a_sampled_store_skips_what_it_cannot_give(stores, tmp_path):
+    store = open_(stores["sampled"])
+    with warnings_of_kdcache() as lines:
+        done = compute_stats(store.path, dict(stores["sampled"]["stats"], t_base=1.5), progress=False)
+    assert done["computed"] == ["ls_temperature_t1.5_unbiased"]
+    assert done["skipped"] == [o.name for o in plan_outputs(check_settings(stores["sampled"]["stats"]))
+                               if o.statistic in ("margin", "top1_correct", "class_count", "class_accuracy",
+                                                  "class_mean_softmax", "class_ece", "ece")]
+    assert len(lines) == 1 and lines[0].startswith("skipped stats/margin, stats/top1_correct") and \
+        "holds sampled targets" in lines[0]
+    with pytest.raises(UserError, match=r"no stats/top1_correct: the store holds sampled targets: 8 draws per row at "
+                                        r"temperature 1, which give no logits .* only stage 1's mean, std, max, min, "
+                                        r"logsumexp, entropy"):
+        read_stat(store, "top1_correct")
+    with pytest.raises(UserError, match=r"gamma0\.5: .* rebuild the store \(kdcache cache-teacher --overwrite\) "
+                                        r"with 0\.5 among them"):
+        cached_stats(store, build("wttm", {"gamma": 0.5}))
+    with pytest.raises(UserError, match="compute it with: kdcache stats .* --stat ls_temperature --t-base 4"):
+        read_stat(store, "ls_temperature", t_base=4.0, std="unbiased")  # derivable: stage 2 computes it
+    plots = plot_stats(store.path, stores["sampled"]["stats"], tmp_path)  # of what there is
+    assert sorted(p.name for p in plots) == ["entropy.png", "ls_temperature_t2_unbiased.png",
+                                             "mlt_temperature_unbiased.png"]
+
+
+@pytest.mark.slow  # ~10 s: two subprocesses importing torch
+def test_two_processes_write_the_exact_arrays_of_one(stores, teacher_ckpt, tmp_path):
+    """Two processes of one job (--num-shards 2) create the arrays together and write their own shards' rows."""
+    cfg = config(teacher_ckpt, tmp_path / "two.zarr", ENCODINGS["top2"])
+    path = write_config(cfg, tmp_path / "two.yaml")
+    procs = [kdcache("cache-teacher", "--config", path, "--num-shards", 2, "--shard-index", i) for i in (0, 1)]
+    for p in procs:
+        assert p.wait() == 0, p.stderr.read()
+    store, want = open_(cfg), exact_values(open_(stores["top2"]))
+    assert store.status == "complete" and sorted(exact_values(store)) == sorted(want)
+    for name, values in exact_values(store).items():
+        np.testing.assert_array_equal(values, want[name], err_msg=name)
+        assert store.group["stats"][name].attrs["logits_fingerprint"] == store.fingerprint()
+
+
+@pytest.mark.slow  # ~25 s: three stage-1 runs of 1024 samples x 18 views in subprocesses
+def test_sigkill_then_resume_gives_the_exact_arrays_of_an_uninterrupted_run(smoke_cfg, tmp_path):
+    from tests.test_cache_teacher import bigger
+    smoke_cfg["cache"]["encoding"] = ENCODINGS["top2"]
+    smoke_cfg["stats"].update(STATS)
+    ref_cfg, ref_yaml = bigger(smoke_cfg, tmp_path, "ref")
+    assert kdcache("cache-teacher", "--config", ref_yaml).wait() == 0
+    cfg, yaml_path = bigger(smoke_cfg, tmp_path, "killed")
+    done_dir = tmp_path / "killed.zarr" / "shard_done" / "c"
+    proc = kdcache("cache-teacher", "--config", yaml_path)
+    while not (done_dir.exists() and len(list(done_dir.iterdir())) >= 3):
+        assert proc.poll() is None, "stage 1 finished before it could be killed"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert CacheStore.open(cfg["cache"]["store"]).status == "incomplete"
+    resumed = kdcache("cache-teacher", "--config", yaml_path)
+    assert resumed.wait() == 0, resumed.stderr.read()
+    got, want = CacheStore.open(cfg["cache"]["store"]), CacheStore.open(ref_cfg["cache"]["store"])
+    assert got.status == "complete" and sorted(exact_values(got)) == sorted(exact_values(want))
+    for name, values in exact_values(got).items():
+        np.testing.assert_array_equal(values, exact_values(want)[name], err_msg=name)
+        assert got.group["stats"][name].attrs["logits_fingerprint"] == got.fingerprint()
