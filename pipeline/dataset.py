@@ -23,7 +23,7 @@ from kdcache.errors import StoreDamage, UserError, is_int, is_number
 from kdcache.methods import build
 from kdcache.sharing import group_exists, open_overlay
 from kdcache.stats import load_stat, read_stat
-from kdcache.encodings import decode_logits
+from kdcache.encodings import decode_logits, is_lossless, sampled_temperature
 from kdcache.store import CacheStore, bad_values, reading
 from kdcache.inference import ViewBatches
 from kdcache.views import ViewSpace
@@ -333,7 +333,9 @@ def store_bytes(store: CacheStore) -> int:
 
 def cached_stats(store: CacheStore, method, overlay=None) -> dict:
     """The stage-2 arrays a built method reads (its `statistics()`, by the names its loss reads them under), read
-    whole and checked to be finite (`load_stat`); UserError names the missing call.
+    whole and checked to be finite (`load_stat`); UserError names the missing call. On a lossy store a method that
+    standardizes the teacher (`teacher_moments`) also reads stage 1's exact "mean" and "std"; a method that cannot
+    train on a sampled store's targets is refused here, before any training (`check_sampled`).
 
     From the statistics overlay at `overlay` (`kdcache stats STORE --out OVERLAY`, for stores one cannot
     write) when given, else from the store itself; a lossy store's exact arrays from the store in either case
@@ -342,6 +344,11 @@ def cached_stats(store: CacheStore, method, overlay=None) -> dict:
     """
     if overlay is not None:
         open_overlay(overlay, store.fingerprint(), store.path)
-    arrays = {name: read_stat(store, stat, overlay=overlay, **options)
-              for name, (stat, options) in method.statistics().items()}
+    entry, wanted = store.manifest["logits"], dict(method.statistics())
+    if sampled_temperature(entry) is not None:
+        method.check_sampled(sampled_temperature(entry))
+    convention = method.teacher_moments()
+    if convention and not is_lossless(entry):
+        wanted.update(mean=("mean", {}), std=("std", {"std": convention}))
+    arrays = {name: read_stat(store, stat, overlay=overlay, **options) for name, (stat, options) in wanted.items()}
     return {name: load_stat(a, store.path if a.store is store.group.store else overlay) for name, a in arrays.items()}

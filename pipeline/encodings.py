@@ -114,6 +114,11 @@ def dense_logits_available(entry: dict) -> bool:
     return storage_of(entry) != "sampled"
 
 
+def sampled_temperature(entry: dict) -> float | None:
+    """T_s of a sampled store (the temperature its targets were drawn at), None for every other encoding."""
+    return float(entry["temperature"]) if storage_of(entry) == "sampled" else None
+
+
 def describe(entry: dict) -> str:
     """One phrase for messages and `kdcache info`: how the store holds the logits."""
     s = storage_of(entry)

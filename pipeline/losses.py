@@ -48,16 +48,22 @@ def _per_row(temperature, z):
     return float(temperature)
 
 
-def standardize(z, unbiased=True, eps=1e-7):
+def standardize(z, unbiased=True, eps=1e-7, *, mean=None, std=None):
     """Z(z) = (z - mean) / (std + eps) over the class axis (logit standardization, LS).
 
     ``unbiased=True`` divides the variance by K-1 as the LS authors' released code
     does (our default); ``False`` divides by K as the paper's algorithm writes.
     Gradients flow through mean and std (the released code does not detach them).
+    ``mean``, ``std``: per-row (B,) values to use instead of z's own: a lossy store's exact
+    moments of the teacher's logits (stage 1 wrote them before encoding), where z is a rebuild.
     """
     z = _upcast(z)
-    std = z.std(dim=-1, keepdim=True, correction=1 if unbiased else 0)
-    return (z - z.mean(dim=-1, keepdim=True)) / (std + eps)
+    if std is None:
+        std = z.std(dim=-1, keepdim=True, correction=1 if unbiased else 0)
+    else:
+        std = std.to(z).reshape(-1, 1)
+    mean = z.mean(dim=-1, keepdim=True) if mean is None else mean.to(z).reshape(-1, 1)
+    return (z - mean) / (std + eps)
 
 
 def kd_loss(z_s, z_t, T):
@@ -74,15 +80,17 @@ def kd_loss(z_s, z_t, T):
     return (weight * kl).mean()
 
 
-def adaptive_kd_loss(z_s, z_t, temperature, unbiased=True):
+def adaptive_kd_loss(z_s, z_t, temperature, unbiased=True, *, teacher_mean=None, teacher_std=None):
     """KD on standardized logits with a per-sample temperature (B,):
     mean_i T_i^2 * KL(softmax(Z(z_t)/T_i) || softmax(Z(z_s)/T_i)).
 
     Standardization happens HERE, so this is the complete max-logit method of
     docs/METHODS.md; pass raw logits. ``temperature`` usually comes from
     ``max_logit_temperature`` (or its cached value) computed with the same ``unbiased``.
+    ``teacher_mean``, ``teacher_std``: the teacher's exact moments (see ``standardize``).
     """
-    return kd_loss(standardize(z_s, unbiased), standardize(z_t, unbiased), temperature)
+    z_t = standardize(z_t, unbiased, mean=teacher_mean, std=teacher_std)
+    return kd_loss(standardize(z_s, unbiased), z_t, temperature)
 
 
 def max_logit_temperature(z_t, z_s=None, unbiased=True):

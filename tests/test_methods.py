@@ -108,3 +108,34 @@ def test_a_method_added_to_the_dict_trains_end_to_end(train_store_cfg, tmp_path,
     cfg["train"].update(params={"scale": 0}, out=str(tmp_path / "bad"))
     with pytest.raises(UserError, match="method 'scaled_kd': parameter scale=0 must be a number > 0"):
         train_student(cfg, progress=False)
+
+
+@pytest.mark.parametrize("method, params", [("kd", {"standardize": True}), ("dkd", {"standardize": True}),
+                                            ("mlt", {}), ("mlt", {"unbiased_std": False})])
+def test_given_teacher_moments_standardize_the_teacher(method, params):
+    """On a lossy store stage 3 hands the loss stage 1's exact per-row mean and std: the teacher is standardized with
+    them, Z = (z_t - mean) / (std + 1e-7) (the rebuilt logits' own moments are not the teacher's), the student with
+    its own; docs/METHODS.md's formulas, written out."""
+    g = torch.Generator().manual_seed(0)
+    z_s, z_t, y = torch.randn(6, 5, generator=g), 3 * torch.randn(6, 5, generator=g), torch.arange(6) % 5
+    full = z_t + torch.randn(6, 5, generator=g)  # the teacher's logits, of which z_t is a lossy rebuild
+    m = build(method, params)
+    convention = m.teacher_moments()
+    assert convention == ("unbiased" if m.params["unbiased_std"] else "population")
+    correction = int(convention == "unbiased")
+    mean, std = full.mean(1), full.std(1, correction=correction)
+    Z_t = (z_t - mean[:, None]) / (std[:, None] + 1e-7)
+    Z_s = (z_s - z_s.mean(1, keepdim=True)) / (z_s.std(1, keepdim=True, correction=correction) + 1e-7)
+    p = m.params
+    if method == "mlt":
+        T = max_logit_temperature(full, unbiased=bool(correction))
+        stats, want = {"temperature": T}, kd_loss(Z_s, Z_t, T)
+    elif method == "kd":
+        stats, want = {}, kd_loss(Z_s, Z_t, p["T"])
+    else:
+        stats, want = {}, kdcache.losses.dkd_loss(Z_s, Z_t, y, p["alpha"], p["beta"], p["T"]) * min(30 / p["warmup"], 1)
+    got = m.loss(z_s, z_t, y, {**stats, "mean": mean, "std": std}, 30)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, m.loss(z_s, z_t, y, stats, 30))  # without them: the rebuild's own moments
+    plain = build(method, {k: v for k, v in params.items() if k != "standardize"})
+    assert plain.teacher_moments() == (convention if method == "mlt" else None)  # KD, DKD without LS read none

@@ -42,6 +42,17 @@ class Method:
         kdcache.stats.read_stat)}. Stage 3 reads them per row from the store; none by default."""
         return {}
 
+    def teacher_moments(self):
+        """The std convention ("unbiased" / "population") when `loss` standardizes the teacher's logits (LS, the
+        max-logit method), else None. On a lossy store (top-k, quantized, bfloat16) stage 3 then also reads stage
+        1's exact per-row "mean" and "std" into `stats`, and `loss` standardizes with them, not the rebuild's own."""
+        return None
+
+    def check_sampled(self, temperature):
+        """UserError unless this method, with its settings, trains on targets sampled at `temperature` (a sampled
+        store); checked once when the store is opened, and again by `dense`. Most methods need all K logits."""
+        raise refuse_sampled(self.name, temperature, "needs all K teacher logits")
+
     def loss(self, z_s, z_t, labels, stats, epoch):
         """L_distill (without CE and w_kd) of raw student / teacher logits (B, K), or of a sampled store's targets
         (kdcache.encodings.Sampled) where the method takes them; labels (B,); stats: per-row tensors by
@@ -51,6 +62,7 @@ class Method:
     def dense(self, z_t):
         """z_t, which this method needs as all K teacher logits: a sampled store's targets are refused (one line)."""
         if isinstance(z_t, Sampled):
+            self.check_sampled(z_t.temperature)
             raise refuse_sampled(self.name, z_t.temperature, "needs all K teacher logits")
         return z_t
 

@@ -12,8 +12,12 @@ class DKD(Method):
                   "w_ce": (1.0, NON_NEGATIVE), "w_kd": (1.0, NON_NEGATIVE)}
     ls_defaults = {"T": 2.0, "alpha": 9.0, "beta": 72.0}  # T = T_base, alpha and beta x the kd weight 9
 
+    def teacher_moments(self):
+        return ("unbiased" if self.params["unbiased_std"] else "population") if self.params["standardize"] else None
+
     def loss(self, z_s, z_t, labels, stats, epoch):
         p, z_t = self.params, self.dense(z_t)
-        if p["standardize"]:
-            z_s, z_t = standardize(z_s, p["unbiased_std"]), standardize(z_t, p["unbiased_std"])
+        if p["standardize"]:  # with a lossy store's exact teacher moments when stage 3 read them
+            z_s = standardize(z_s, p["unbiased_std"])
+            z_t = standardize(z_t, p["unbiased_std"], mean=stats.get("mean"), std=stats.get("std"))
         return dkd_warmup(epoch, p["warmup"]) * dkd_loss(z_s, z_t, labels, p["alpha"], p["beta"], p["T"])

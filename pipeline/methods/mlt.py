@@ -14,8 +14,10 @@ class MLT(Method):
                   "w_ce": (0.1, NON_NEGATIVE), "w_kd": (9.0, NON_NEGATIVE)}  # as LS
 
     def statistics(self):
-        std = "unbiased" if self.params["unbiased_std"] else "population"
-        return {"temperature": ("mlt_temperature", {"std": std})}  # the teacher's T_i
+        return {"temperature": ("mlt_temperature", {"std": self.teacher_moments()})}  # the teacher's T_i
+
+    def teacher_moments(self):
+        return "unbiased" if self.params["unbiased_std"] else "population"
 
     def loss(self, z_s, z_t, labels, stats, epoch):
         unbiased, z_t = self.params["unbiased_std"], self.dense(z_t)
@@ -25,4 +27,5 @@ class MLT(Method):
         if self.params["variant"] == "joint":  # max of |Z| over both sides = max(teacher's T, student's T)
             t_s = max_logit_temperature(z_s, unbiased=unbiased)
             t = torch.maximum(t.to(t_s), t_s)
-        return adaptive_kd_loss(z_s, z_t, t, unbiased=unbiased)
+        return adaptive_kd_loss(z_s, z_t, t, unbiased=unbiased, teacher_mean=stats.get("mean"),
+                                teacher_std=stats.get("std"))

@@ -13,9 +13,12 @@ class WTTM(Method):
     def statistics(self):
         return {"power_sum": ("wttm_power_sum", {"gamma": self.params["gamma"]})}  # U_gamma at this gamma
 
+    def check_sampled(self, temperature):
+        check_gamma(self.name, self.params["gamma"], temperature)
+
     def loss(self, z_s, z_t, labels, stats, epoch):
         if isinstance(z_t, Sampled):  # U_gamma cannot come from draws: stage 1's exact statistic of the store
-            check_gamma(self.name, self.params["gamma"], z_t)
+            self.check_sampled(z_t.temperature)
             if stats.get("power_sum") is None:
                 raise UserError(f"method 'wttm' on a sampled store needs the teacher's power sum U_gamma "
                                 f"(gamma {self.params['gamma']:g}) from the store's statistics, which it lacks")
