@@ -30,7 +30,6 @@ logit arrays' chunk objects / rows. Fidelity is measured on the rows read back f
     .venv/bin/python benchmarks/bench_frontier.py --students results/frontier/students   # the students' table
 """
 import argparse
-import contextlib
 import json
 import math
 import shutil
@@ -75,24 +74,13 @@ def store_rows(path: Path, samples: int):
 
 def teacher_like_rows(n: int, v: int, num_classes: int, seed: int = 0):
     """(n, v, K) float32 bench_topk-model logits at K classes, scaled to the mean top-1 probability TARGET_TOP1;
-    (labels, the temperature used). The model wants whole groups of bench_topk.GROUP classes (a label in a last,
-    partial group would index past K), so K that is not a multiple (21843) is drawn rounded up, then cut to K."""
+    (labels, the temperature used). K that is not a multiple of bench_topk.GROUP (21843) is drawn at whole groups,
+    then cut to K (how the published rows were drawn)."""
     whole = -(-num_classes // bench_topk.GROUP) * bench_topk.GROUP
-    with classes(whole):
-        z, y = imagenet_like_logits(n, v, seed)
+    z, y = imagenet_like_logits(n, v, seed, num_classes=whole)
     z = np.ascontiguousarray(z[..., :num_classes])
     tau = calibrate(z, TARGET_TOP1)
     return (z / tau).astype(np.float32), np.minimum(y, num_classes - 1), tau
-
-
-@contextlib.contextmanager
-def classes(num_classes: int):
-    """bench_topk's model and summary with another class count (its module constant K)."""
-    saved, bench_topk.K = bench_topk.K, num_classes
-    try:
-        yield
-    finally:
-        bench_topk.K = saved
 
 
 def calibrate(z: np.ndarray, target: float) -> float:
@@ -465,15 +453,13 @@ def main():
             else:
                 z, y, tau = teacher_like_rows(args.samples, VIEWS, num_classes)
                 rows = {"rows": "bench_topk.imagenet_like_logits at K classes / tau", "tau": tau}
-            with classes(num_classes):
-                rows.update(summary(z))
+            rows.update(summary(z))
             rows.update({"samples": z.shape[0], "views": z.shape[1]})
             print(f"K={num_classes}: {rows}", flush=True)
             results["K"][num_classes] = {"rows": rows, "settings": measure(z, y, Path(tmp), args.quick)}
         if args.storage_samples:
             z, y, tau = teacher_like_rows(args.storage_samples, VIEWS, 21843)
-            with classes(21843):
-                rows = {"rows": "bench_topk.imagenet_like_logits at K classes / tau", "tau": tau, **summary(z)}
+            rows = {"rows": "bench_topk.imagenet_like_logits at K classes / tau", "tau": tau, **summary(z)}
             results["K"][21843] = {"rows": rows, "settings": measure(z, y, Path(tmp), args.quick,
                                                                      min(256, args.storage_samples), fidelity=False)}
     results["storage"] = storage(results)

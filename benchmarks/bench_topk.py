@@ -46,12 +46,14 @@ K, GROUP = 1000, 25
 KS = (1, 5, 10, 20, 50, 100, 200)
 
 
-def imagenet_like_logits(n: int, v: int, seed: int = 0):
-    """(n, v, K) float32 teacher-like logits and (n,) labels; the model is described in the docstring."""
+def imagenet_like_logits(n: int, v: int, seed: int = 0, num_classes: int = K):
+    """(n, v, num_classes) float32 teacher-like logits and (n,) labels; the model is described in the docstring
+    (a label in a last, partial group of classes shares the last whole group)."""
     rng = np.random.default_rng(seed)
-    y = rng.integers(0, K, n)
-    z = 1.2 * rng.standard_t(3, size=(n, v, K)).astype(np.float32)
-    groups = (y // GROUP)[:, None] * GROUP + np.arange(GROUP)  # (n, GROUP): the label's group
+    y = rng.integers(0, num_classes, n)
+    z = 1.2 * rng.standard_t(3, size=(n, v, num_classes)).astype(np.float32)
+    start = np.minimum(y // GROUP * GROUP, num_classes - GROUP)
+    groups = start[:, None] + np.arange(GROUP)  # (n, GROUP): the label's group
     z[np.arange(n)[:, None, None], np.arange(v)[None, :, None], groups[:, None, :]] += \
         rng.uniform(1, 4, (n, v, 1)).astype(np.float32)
     wrong = rng.random((n, v)) < 0.2
@@ -115,7 +117,7 @@ def temperature_errors(full: np.ndarray, rebuilt: np.ndarray) -> dict:
 
 def summary(z: np.ndarray) -> dict:
     """What the synthetic teacher looks like (T = 1), to compare with a real one."""
-    p = torch.softmax(torch.from_numpy(z.reshape(-1, K)).double(), -1)
+    p = torch.softmax(torch.from_numpy(z.reshape(-1, z.shape[-1])).double(), -1)
     srt = p.sort(-1, descending=True).values
     return {"mean_top1_probability": srt[:, 0].mean().item(),
             "mean_entropy_nats": -(p * p.clamp_min(1e-300).log()).sum(-1).mean().item(),
