@@ -3,7 +3,8 @@ does not hold, side by side in one run.
 
 The store: N samples x V views x K = 1000 float16 teacher-like logits (`imagenet_like_logits` of
 bench_topk.py), written shard by shard with CacheStore as stage 1 writes it (default layout: 256-sample chunks,
-16 per shard, zstd 5 + shuffle, digests). Its images are a small synthetic data set (4 classes, 16x16, one
+16 per shard, digests, blosc zstd 5 + shuffle), and a second store with blosc lz4 + shuffle (the candidate codec
+of `codec_table` that decodes fastest). Its images are a small synthetic data set (4 classes, 16x16, one
 channel: only CacheDataset replays them, and cheaply) whose fingerprint the manifest records.
 
 Page-cache budget: zero pages of the store between epochs. Before every timed epoch of a Zarr reader each file of
@@ -14,15 +15,20 @@ process and its DataLoader workers, which are counted when they exit) are record
 Timed, one epoch each, interleaved `--repeats` times, batch 256, the epoch order each source uses in stage 3:
 - memory: MemoryTargets (`train.memory_gb` large enough), the reference;
 - zarr: ZarrTargets (`train.memory_gb: 0`, `train.chunks_per_block`);
-- zarr-compared (with --compare FILE): the ZarrTargets of another version's targets.py, for a before/after;
+- zarr-lz4-store: the same on the lz4 store;
+- zarr-compared (with --compare DIR): the ZarrTargets of another version's targets.py and store.py (DIR holds
+  both), for a before/after;
 - dataset-memory / dataset-zarr-w0 / dataset-zarr-w2: CacheDataset (targets loaded, or read from Zarr chunks)
   + ChunkSampler through a DataLoader with 0 or 2 workers (these also replay the images).
 Ratios are medians of the per-round ratios to the round's reference. Last, where a chunk read's time goes
-(`chunk_costs`): zarr alone, with the reader's checks, and the codec alone.
+(`chunk_costs`): zarr alone, with the reader's checks, and the codec alone. `--codecs` instead measures the
+candidate codecs of the logits (`codec_table`: compression ratio and decode time per chunk).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_reader.py [--samples 16384] [--views 8] [--repeats 5]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_reader.py --codecs --out benchmarks/results/reader_codecs.json
 """
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -42,6 +48,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_topk import K, imagenet_like_logits  # noqa: E402
 from kdcache.data import load_dataset  # noqa: E402
+import kdcache.store  # noqa: E402
+import kdcache.targets  # noqa: E402
 from kdcache.dataset import CacheDataset, ChunkSampler, epoch_views  # noqa: E402
 from kdcache.store import CacheStore  # noqa: E402
 from kdcache.targets import MemoryTargets, ZarrTargets  # noqa: E402
@@ -67,6 +75,27 @@ def write_store(path: Path, n: int, v: int) -> CacheStore:
         store.write_shard(shard, z.astype(np.float16), space.sample_params(ids, data.image_size), y)
     store.mark_complete_if_done()
     return store
+
+
+@contextlib.contextmanager
+def store_codec(codec: dict):
+    """Stores created inside are given blosc `codec` (the benchmark's lz4 store)."""
+    default, kdcache.store.CODEC = kdcache.store.CODEC, codec
+    try:
+        yield
+    finally:
+        kdcache.store.CODEC = default
+
+
+def load_version(folder: str):
+    """ZarrTargets and CacheStore of another version: folder/store.py and folder/targets.py (`git show`), the
+    targets module reading through that store module."""
+    modules = {}
+    for name in ("store", "targets"):
+        spec = importlib.util.spec_from_file_location(f"compared_{name}", Path(folder) / f"{name}.py")
+        modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(modules[name])
+    return modules["targets"].ZarrTargets, modules["store"].CacheStore
 
 
 def evict(path: Path) -> None:
@@ -101,31 +130,58 @@ def dataset_epoch(ds: CacheDataset, workers: int, seed: int, epoch: int) -> int:
     return sum(1 for _ in DataLoader(ds, batch_size=BATCH, sampler=sampler, num_workers=workers))
 
 
+def ms(f, repeats: int = 20) -> float:
+    """Median milliseconds of f()."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
 def chunk_costs(store: CacheStore, repeats: int = 20) -> dict:
-    """Where a Zarr chunk read's time goes, per chunk of the logits (median ms, page cache warm): the zarr read
-    alone, `read_rows` (the read + the finite/in-range check + the digest), and the codec alone on the same
-    rows (numcodecs Blosc zstd 5 + shuffle, the store's codec; lz4 for comparison)."""
+    """Where a chunk read's time goes, per chunk of the logits (median ms, page cache warm): zarr's read alone,
+    `read_rows` (its own read of the chunk + the finite/in-range check + the digest), and the codec alone on the
+    same rows (numcodecs Blosc zstd 5 / lz4 + shuffle)."""
     from numcodecs import Blosc
     a, c, digests = store.per_sample["logits"], store.samples_per_chunk, store.recorded_digests()
     rows = slice(0, c)
     values = a[rows]
-
-    def ms(f):
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - start)
-        return 1e3 * statistics.median(times)
-
-    out = {"zarr_read": ms(lambda: a[rows]), "read_rows": ms(lambda: store.read_rows("logits", rows, digests))}
+    out = {"zarr_read": ms(lambda: a[rows], repeats),
+           "read_rows": ms(lambda: store.read_rows("logits", rows, digests), repeats)}
     for cname in ("zstd", "lz4"):
         codec = Blosc(cname=cname, clevel=5, shuffle=Blosc.SHUFFLE)
         encoded = codec.encode(values)
-        out[f"blosc_{cname}_decode"] = ms(lambda: codec.decode(encoded))
+        out[f"blosc_{cname}_decode"] = ms(lambda: codec.decode(encoded), repeats)
         out[f"blosc_{cname}_compression_ratio"] = values.nbytes / len(encoded)
     out["chunk_bytes"] = values.nbytes
     return out
+
+
+def codec_table(repeats: int = 15) -> list[dict]:
+    """Candidate blosc codecs of the logits: compression ratio and decode ms of one chunk of rows, on teacher-like
+    K = 1000 rows (256 samples x 8 views; float16, float32 and bfloat16 bit patterns) and on the Fashion-MNIST
+    store's real K = 10 float16 rows (stores/fashion-mnist/*.zarr, 2048 samples x 8 views) when present."""
+    from numcodecs import Blosc
+    z, _ = imagenet_like_logits(256, 8, seed=1)
+    rows = {"K=1000 float16": z.astype(np.float16), "K=1000 float32": z,
+            "K=1000 bfloat16": (z.view(np.uint32) >> 16).astype(np.uint16)}  # truncated: the same bytes' statistics
+    for store in sorted((REPO / "stores" / "fashion-mnist").glob("*.zarr")):
+        rows[f"K=10 float16 ({store.name})"] = CacheStore.open(store).logits[:2048]
+    shuffles = {"shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE, "noshuffle": Blosc.NOSHUFFLE}
+    table = []
+    for what, values in rows.items():
+        for cname, level in (("zstd", 1), ("zstd", 3), ("zstd", 5), ("lz4", 5)):
+            for shuffle, code in shuffles.items():
+                codec = Blosc(cname=cname, clevel=level, shuffle=code)
+                encoded = codec.encode(values)
+                table.append({"rows": what, "cname": cname, "clevel": level, "shuffle": shuffle,
+                              "ratio": values.nbytes / len(encoded), "chunk_bytes": values.nbytes,
+                              "decode_ms": ms(lambda: codec.decode(encoded), repeats)})
+                print(" ".join(f"{k} {x:.3f}" if isinstance(x, float) else f"{k} {x}" for k, x in table[-1].items()),
+                      flush=True)
+    return table
 
 
 def main():
@@ -135,13 +191,23 @@ def main():
     ap.add_argument("--chunks-per-block", type=int, default=16, help="train.chunks_per_block of the Zarr readers")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-datasets", action="store_true", help="time the stage-3 sources only")
-    ap.add_argument("--compare", help="a targets.py of another version, e.g. `git show 26ff60e:pipeline/targets.py "
-                                      "> /tmp/before.py`: its ZarrTargets is timed side by side (zarr-compared)")
+    ap.add_argument("--compare", help="a folder with targets.py and store.py of another version (`git show "
+                                      "HEAD:pipeline/targets.py`, ...): its ZarrTargets is timed side by side "
+                                      "(zarr-compared)")
+    ap.add_argument("--threads", type=int, default=kdcache.targets.READ_THREADS,
+                    help="kdcache.targets.READ_THREADS, the threads reading a block's chunks")
+    ap.add_argument("--codecs", action="store_true", help="only the codec table (`codec_table`)")
     ap.add_argument("--out", default="benchmarks/results/reader.json")
     args = ap.parse_args()
+    if args.codecs:
+        Path(args.out).write_text(json.dumps({"cpus": os.cpu_count(), "codecs": codec_table()}, indent=1))
+        return
+    kdcache.targets.READ_THREADS = args.threads
     n, v, seed = args.samples, args.views, 0
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "k1000.zarr"
+        path, lz4_path = Path(tmp) / "k1000.zarr", Path(tmp) / "k1000-lz4.zarr"
+        with store_codec({"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}):
+            lz4_store = write_store(lz4_path, n, v)
         start = time.perf_counter()
         store = write_store(path, n, v)
         print(f"store {n} x {v} x {K}: {sum(f.stat().st_size for f in path.rglob('*') if f.is_file()) / 2**20:.0f} MiB "
@@ -151,13 +217,13 @@ def main():
         memory = MemoryTargets(store, {})
         load_seconds = time.perf_counter() - start
         zarr_source = ZarrTargets(store, {}, args.chunks_per_block)
+        lz4_source = ZarrTargets(lz4_store, {}, args.chunks_per_block)
         readers = {"memory": lambda e: source_epoch(memory, n, epoch_views(n, v, seed, e), seed, e),
-                   "zarr": lambda e: source_epoch(zarr_source, n, epoch_views(n, v, seed, e), seed, e)}
+                   "zarr": lambda e: source_epoch(zarr_source, n, epoch_views(n, v, seed, e), seed, e),
+                   "zarr-lz4-store": lambda e: source_epoch(lz4_source, n, epoch_views(n, v, seed, e), seed, e)}
         if args.compare:
-            spec = importlib.util.spec_from_file_location("targets_compared", args.compare)
-            other = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(other)
-            compared = other.ZarrTargets(store, {}, args.chunks_per_block)
+            other_targets, other_store = load_version(args.compare)
+            compared = other_targets(other_store.open(path), {}, args.chunks_per_block)
             readers["zarr-compared"] = lambda e: source_epoch(compared, n, epoch_views(n, v, seed, e), seed, e)
         if not args.skip_datasets:
             in_memory = CacheDataset(path, memory_gb=1e9, cache_chunks=args.chunks_per_block)
@@ -166,33 +232,45 @@ def main():
                             "dataset-zarr-w0": lambda e: dataset_epoch(chunked, 0, seed, e),
                             "dataset-zarr-w2": lambda e: dataset_epoch(chunked, 2, seed, e)})
         rate = {name: [] for name in readers}
+        cpu_rate = {name: [] for name in readers}  # batches per CPU second of this process: robust to other jobs
         read = {name: [] for name in readers}
         for r in range(args.repeats):
             for name, epoch in readers.items():
                 evict(path)
-                before, start = disk_bytes(), time.perf_counter()
+                evict(lz4_path)
+                before, start, cpu = disk_bytes(), time.perf_counter(), time.process_time()
                 batches = epoch(r)
                 rate[name].append(batches / (time.perf_counter() - start))
+                cpu_rate[name].append(batches / (time.process_time() - cpu))
                 read[name].append(disk_bytes() - before)
-                print(f"round {r + 1} {name}: {rate[name][-1]:.1f} batches/s, {read[name][-1] / 2**20:.0f} MiB "
-                      "read from disk", flush=True)
+                print(f"round {r + 1} {name}: {rate[name][-1]:.1f} batches/s ({cpu_rate[name][-1]:.1f} per CPU s), "
+                      f"{read[name][-1] / 2**20:.0f} MiB read from disk", flush=True)
 
-        costs = chunk_costs(store)
-        print("per chunk (ms): " + ", ".join(f"{k} {x:.2f}" for k, x in costs.items()), flush=True)
+        costs = {"zstd 5 store": chunk_costs(store), "lz4 store": chunk_costs(lz4_store)}
+        for what, c in costs.items():
+            print(f"per chunk (ms), {what}: " + ", ".join(f"{k} {x:.2f}" for k, x in c.items()), flush=True)
+        lz4_on_disk = sum(f.stat().st_size for f in lz4_path.rglob("*") if f.is_file())
 
-    def over(name, ref):
-        return statistics.median(a / b for a, b in zip(rate[name], rate[ref]))
+    def over(name, ref, rates=rate):
+        return statistics.median(a / b for a, b in zip(rates[name], rates[ref]))
 
     result = {"samples": n, "views": v, "classes": K, "batch_size": BATCH, "chunks_per_block": args.chunks_per_block,
-              "store_bytes_on_disk": on_disk, "load_seconds_memory": load_seconds, "repeats": args.repeats,
+              "store_bytes_on_disk": on_disk, "lz4_store_bytes_on_disk": lz4_on_disk,
+              "load_seconds_memory": load_seconds, "repeats": args.repeats, "read_threads": args.threads,
               "page_cache": "every store file fsync'ed + POSIX_FADV_DONTNEED before each timed epoch",
               "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-              "batches_per_second": rate, "disk_bytes_read_per_epoch": read,
+              "batches_per_second": rate, "batches_per_cpu_second": cpu_rate, "disk_bytes_read_per_epoch": read,
               "median_batches_per_second": {k: statistics.median(x) for k, x in rate.items()},
-              "ratio_zarr_over_memory": over("zarr", "memory"), "chunk_costs_ms": costs}
+              "median_batches_per_cpu_second": {k: statistics.median(x) for k, x in cpu_rate.items()},
+              "ratio_zarr_over_memory": over("zarr", "memory"),
+              "ratio_zarr_over_memory_cpu": over("zarr", "memory", cpu_rate),
+              "ratio_zarr-lz4-store_over_memory": over("zarr-lz4-store", "memory"),
+              "ratio_zarr-lz4-store_over_memory_cpu": over("zarr-lz4-store", "memory", cpu_rate),
+              "chunk_costs_ms": costs}
     if args.compare:
         result.update(compared=args.compare, ratio_compared_over_memory=over("zarr-compared", "memory"),
-                      ratio_zarr_over_compared=over("zarr", "zarr-compared"))
+                      ratio_zarr_over_compared=over("zarr", "zarr-compared"),
+                      ratio_compared_over_memory_cpu=over("zarr-compared", "memory", cpu_rate))
     if not args.skip_datasets:
         result.update({f"ratio_{name}_over_dataset-memory": over(name, "dataset-memory")
                        for name in ("dataset-zarr-w0", "dataset-zarr-w2")})

@@ -30,7 +30,7 @@ from kdcache.store import CacheStore
 from kdcache.views import ViewSpace
 
 READ_ROWS = 4096  # rows per read of the in-memory and live sources (lets the next read overlap training)
-READ_THREADS = min(8, os.cpu_count() or 1)  # threads reading a Zarr block's chunks
+READ_THREADS = min(8, 2 * (os.cpu_count() or 1))  # threads reading a Zarr block's chunks (they wait on the disk too)
 
 
 def targets(cfg: dict, data, method, device) -> "Targets":
@@ -246,30 +246,36 @@ class ZarrTargets(Source):
         return block_shuffled(n, seed, epoch, self.store.labels.chunks[0], self.chunks_per_block)
 
     def read(self, rows, views, epoch=0):
-        picked = self.picked(rows, views)
-        from kdcache.encodings import decode_targets  # {"logits": ...}, or a sampled store's arrays
-        parts = {name: picked[name] for name in self.store.logit_arrays}
-        return {"params": self.params[rows, views], **decode_targets(parts, self.store.num_classes),
+        return {"params": self.params[rows, views], **self.targets(rows, views),
                 **{k: a[rows, views] for k, a in self.stats.items()}}
 
-    def picked(self, rows, views) -> dict[str, np.ndarray]:
-        """{logit array: values of view views[i] of sample rows[i]}. Each chunk the rows lie in is read whole and
-        checked (`read_rows`) by one of READ_THREADS threads (zarr's decompression and the checks release the
-        GIL), and only the rows' views are kept: no copy of the block's other V - 1 views."""
-        c, n = self.store.samples_per_chunk, self.store.views.shape[0]
+    def targets(self, rows, views) -> dict[str, np.ndarray]:
+        """`decode_targets` of view views[i] of sample rows[i], for every i. The chunks the rows lie in are read whole
+        and checked (`read_rows`), each run of consecutive chunks in one read, by READ_THREADS threads (file reads,
+        decompression, the checks and the decoding release the GIL); each keeps and decodes only the rows' views: no
+        copy of the block's other V - 1 views."""
+        from kdcache.encodings import decode_targets  # {"logits": ...}, or a sampled store's arrays
+        c, n, k = self.store.samples_per_chunk, self.store.views.shape[0], self.store.num_classes
         names, chunk_of = self.store.logit_arrays, rows // c
 
-        def read_chunk(k):
-            mine, span = np.flatnonzero(chunk_of == k), slice(k * c, min((k + 1) * c, n))
-            return mine, {name: self.store.read_rows(name, span, self.digests)[rows[mine] - k * c, views[mine]]
-                          for name in names}
+        def read_run(run):
+            span = slice(run[0] * c, min((run[-1] + 1) * c, n))
+            mine = np.flatnonzero((chunk_of >= run[0]) & (chunk_of <= run[-1]))
+            at = rows[mine] - span.start, views[mine]
+            return mine, decode_targets({name: self.store.read_rows(name, span, self.digests)[at] for name in names}, k)
 
         out = {}
         with ThreadPoolExecutor(READ_THREADS) as pool:
-            for mine, values in pool.map(read_chunk, np.unique(chunk_of).tolist()):
+            for mine, values in pool.map(read_run, chunk_runs(np.unique(chunk_of), c, self.store.samples_per_shard)):
                 for name, v in values.items():
                     out.setdefault(name, np.empty((len(rows), *v.shape[1:]), v.dtype))[mine] = v
         return out
+
+
+def chunk_runs(chunks: np.ndarray, chunk: int, shard: int) -> list[np.ndarray]:
+    """Sorted chunk numbers cut into runs of consecutive chunks within one shard: each run is one read."""
+    cut = np.flatnonzero((np.diff(chunks) != 1) | (chunks[1:] * chunk % shard == 0)) + 1
+    return np.split(chunks, cut)
 
 
 class LiveViews(Source):
