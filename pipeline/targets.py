@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from kdcache.dataset import block_shuffled, cached_stats, mix, store_bytes
+from kdcache.encodings import batch_targets, decode_targets
 from kdcache.errors import UserError
 from kdcache.inference import ViewBatches, replay_loader
 from kdcache.models import load_checkpoint
@@ -107,7 +108,6 @@ class CachedTargets(Targets):
         self.store, self.overlay, self.fingerprint = store, overlay, store.fingerprint()
 
     def teacher_logits(self, batch, x, device):
-        from kdcache.encodings import batch_targets  # dense logits, or a sampled store's Sampled targets
         return batch_targets(batch, self.store.entry).to(device)
 
     def record(self):
@@ -222,7 +222,6 @@ class MemoryTargets(Source):
         return shuffled(n, seed, epoch)
 
     def read(self, rows, views, epoch=0):
-        from kdcache.encodings import decode_targets  # {"logits": ...}, or a sampled store's arrays
         targets = decode_targets({n: a[rows, views] for n, a in self.parts.items()}, self.num_classes)
         return {"params": self.params[rows, views], **targets,
                 **{k: a[rows, views] for k, a in self.stats.items()}}
@@ -254,7 +253,6 @@ class ZarrTargets(Source):
         and checked (`read_rows`), each run of consecutive chunks in one read, by READ_THREADS threads (file reads,
         decompression, the checks and the decoding release the GIL); each keeps and decodes only the rows' views: no
         copy of the block's other V - 1 views."""
-        from kdcache.encodings import decode_targets  # {"logits": ...}, or a sampled store's arrays
         c, n, k = self.store.samples_per_chunk, self.store.views.shape[0], self.store.num_classes
         names, chunk_of = self.store.logit_arrays, rows // c
 
