@@ -1,16 +1,24 @@
 """YAML configuration: one nested dict of defaults, merged with the user's file, `--set KEY=VALUE` items and
-command-line options.
+command-line options, then checked once, here (`check_config`).
 
-Every key a stage reads is listed in DEFAULTS, so a misspelt key is an error, not a silent default.
-Sections a stage does not use are simply ignored by it.
+Every key a stage reads is listed in DEFAULTS, so a misspelt key is an error, not a silent default. Every
+section's values are checked when a config is loaded (`load_config`, and `kdcache grid` per run), whichever
+command loads it: a bad value in any section fails before anything starts (a teacher, a dask cluster), with
+the one-line message naming the key. Still checked by the stage that uses them: what needs the data (the class
+count bounding cache.topk, the image size of crop_flip views, the `dataset` section: kdcache.data.load_dataset)
+and stage 0's teacher settings (kdcache.stages.train_teacher.check_teacher, which also creates the folder).
+The checks stay plain functions on plain dicts (no schema library): each one is also what a stage calls on a
+dict handed to it from Python (`check_train`, `check_cache`), and the kinds' own checkers (views, encodings,
+methods, stats settings) are the library's, shared with the stores they describe.
 """
 import copy
+import math
 import os
 from pathlib import Path
 
 import yaml
 
-from kdcache.errors import UserError, is_int
+from kdcache.errors import UserError, is_int, is_number
 
 DEFAULTS = {
     "device": "auto",                 # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
@@ -61,7 +69,7 @@ DEFAULTS = {
         "scheduler": None,            # address of a running dask.distributed scheduler
         "workers": None,              # N: start a local cluster of N processes; None: local threads
     },
-    "train": {                        # stage 3 (kdcache train); checked by kdcache.stages.train_student.check_train
+    "train": {                        # stage 3 (kdcache train); checked by check_train below
         "student": "fmnist_cnn",      # zoo name (pipeline/models.py), tv:NAME, timm:NAME or python:module:callable
         "method": "kd",               # ce | kd | ttm | wttm | dkd | mlt (formulas: pipeline/losses.py)
         "params": {},                 # the method's hyper-parameters (pipeline/methods/); missing = defaults
@@ -136,19 +144,103 @@ def load_config(path=None, overrides: dict | None = None, sets=()) -> dict:
         except UserError as e:
             raise UserError(f"--set {item.partition('=')[0]}: {e}") from None
     cfg = merge(cfg, _drop_none(overrides or {}))
+    return check_config(cfg)
+
+
+MAX_SEED = 2**32 - 1
+ANY_IMAGE_SIZE = (2**16, 2**16)  # stands in for the data set's (H, W) at load: no view check but crop_flip's reads it
+
+
+def check_config(cfg: dict) -> dict:
+    """`cfg` (a merged config) when every section's values are valid, else UserError (one line, naming the key).
+
+    Called by load_config and by `kdcache grid` for each run's config, so every command fails at load.
+    """
+    from kdcache.encodings import logits_entry
+    from kdcache.methods import build
+    from kdcache.stats import check_settings
+    from kdcache.views import ViewSpace
     seed = cfg["seed"]
     if not is_int(seed, 0):
         raise UserError(f"seed must be an integer >= 0, got {seed!r}")
     if seed > MAX_SEED:  # torch.manual_seed takes 64 bits; the run's own seed mixing wants 32
         raise UserError(f"seed must be at most {MAX_SEED}, got {seed}")
+    device = cfg["device"]  # its form; whether this machine has it is kdcache.models.select_device's question
+    name = device.strip().lower() if isinstance(device, str) else ""
+    if not (name in ("auto", "cpu", "cuda") or name.startswith("cuda:") and name[5:].isdigit()):
+        raise UserError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     for section, key in (("cache", "store"), ("cache", "stats"), ("teacher", "checkpoint")):
         value = cfg[section].get(key)  # a number or list here would become a folder named after it
         if not (isinstance(value, (str, os.PathLike)) and str(value) or value is None and key == "stats"):
             raise UserError(f"{section}.{key} must be a path or URL, got {value!r}")
+    ViewSpace.from_config(cfg["views"], ANY_IMAGE_SIZE)
+    cache = check_cache(cfg["cache"])
+    encoding = cache["encoding"]
+    k = cache["topk"] if cache["topk"] is not None else encoding.get("topk") if isinstance(encoding, dict) else None
+    if k is not None and not is_int(k, 1):  # its upper bound, the class count, is the data set's: checked by stage 1
+        raise UserError(f"cache.topk must be an integer >= 1 (and below the class count) or null for the full "
+                        f"logits, got {k!r}")
+    logits_entry(cache, k + 1 if k is not None else 2)
+    check_settings(cfg["stats"])
+    build(check_train(cfg["train"])["method"], cfg["train"]["params"])  # each method checks its own parameters
     return cfg
 
 
-MAX_SEED = 2**32 - 1
+def check_cache(c: dict) -> dict:
+    """The `cache` section's types and ranges (its encoding: kdcache.encodings.logits_entry; CacheStore.create
+    checks the dtype and the layout again, for callers that skip this)."""
+    for key, ok, must_be in (("store", lambda v: isinstance(v, (str, os.PathLike)) and str(v), "a folder path or URL"),
+                             ("batch_size", lambda v: is_int(v, 1), "an integer >= 1"),
+                             ("workers", lambda v: is_int(v, 0), "an integer >= 0 (DataLoader worker processes)"),
+                             ("samples_per_chunk", lambda v: is_int(v, 1), "an integer >= 1"),
+                             ("chunks_per_shard", lambda v: is_int(v, 1), "an integer >= 1"),
+                             ("amp", lambda v: isinstance(v, bool), "true or false")):
+        if not ok(c[key]):
+            raise UserError(f"cache.{key} must be {must_be}, got {c[key]!r}")
+    return c
+
+
+def check_train(t: dict) -> dict:
+    """The `train` section's types, ranges and combinations (its method's parameters: kdcache.methods.build)."""
+    def need(key, ok, must_be):
+        if not ok(t[key]):
+            raise UserError(f"train.{key} must be {must_be}, got {t[key]!r}")
+
+    def integer(low):
+        return lambda v: is_int(v, low)
+
+    def number(low, high=math.inf, open_low=False):
+        return lambda v: is_number(v) and (v > low if open_low else v >= low) and v <= high
+
+    need("student", lambda v: isinstance(v, str) and v, "a model name (pipeline/models.py)")
+    need("method", lambda v: isinstance(v, str), "a method name")
+    need("params", lambda v: isinstance(v, dict), "a mapping of the method's parameters")
+    need("online", lambda v: isinstance(v, bool), "true or false")
+    need("augment", lambda v: v in ("cached", "fresh"), "'cached' (the cached views) or 'fresh' (a new view every step)")
+    need("views_used", lambda v: v is None or is_int(v, 1), "null (all cached views) or an integer >= 1")
+    need("validation", lambda v: v is None or is_int(v, 1),
+         "null (evaluate on the test split) or an integer >= 1 (the last M training images)")
+    need("epochs", integer(1), "an integer >= 1")
+    need("batch_size", integer(1), "an integer >= 1")
+    need("optimizer", lambda v: v in ("sgd", "adamw"), "'sgd' or 'adamw'")
+    need("lr", number(0, open_low=True), "a number > 0")
+    need("momentum", number(0, 1), "a number in [0, 1]")
+    need("nesterov", lambda v: isinstance(v, bool), "true or false")
+    need("weight_decay", number(0), "a number >= 0")
+    need("schedule", lambda v: v in ("cosine", "step", "constant"), "'cosine', 'step' or 'constant'")
+    need("milestones", lambda v: isinstance(v, list) and all(integer(1)(m) for m in v) and v == sorted(v),
+         "an ascending list of epochs (integers >= 1)")
+    need("lr_decay", number(0, 1, open_low=True), "a number in (0, 1]")
+    need("memory_gb", number(0), "a number >= 0 (GiB; 0 always reads from Zarr)")
+    need("chunks_per_block", integer(1), "an integer >= 1")
+    need("workers", integer(0), "an integer >= 0 (DataLoader processes replaying the views; 0: in process)")
+    need("eval_batch_size", integer(1), "an integer >= 1")
+    need("out", lambda v: isinstance(v, str) and v, "a folder path")
+    if t["augment"] == "fresh" and t["views_used"] is not None:
+        raise UserError("train.views_used picks cached views; with train.augment 'fresh' every view is new: drop one")
+    if t["schedule"] == "step" and not t["milestones"]:
+        raise UserError("train.schedule 'step' needs train.milestones (epochs after which the lr decays)")
+    return t
 
 
 def parse_set(item: str) -> dict:

@@ -105,7 +105,8 @@ STATISTICS = {**ROW_STATISTICS, **CLASS_STATISTICS}
 
 def check_settings(settings: dict) -> dict:
     """Validate what the `stats` config section asks to compute (statistics, t_base, gammas, std,
-    ece_bins; other keys are ignored); UserError on mistakes.
+    ece_bins; other keys are ignored); UserError on mistakes. kdcache.config.check_config calls it when a config
+    is loaded; stage 1 and 2 call it again for the normalised copy (and for settings passed from Python).
 
     Returns a normalised copy: statistics as a list of names, floats for t_base and gammas (duplicates
     dropped, order kept), an int for ece_bins.

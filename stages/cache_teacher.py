@@ -20,9 +20,9 @@ import zarr
 from tqdm import tqdm
 
 import kdcache
-from kdcache.config import check_memory
+from kdcache.config import check_cache, check_memory
 from kdcache.data import load_dataset
-from kdcache.errors import UserError, is_int
+from kdcache.errors import UserError
 from kdcache.files import disk_full
 from kdcache.inference import accuracy, model_logits
 from kdcache.models import load_checkpoint, select_device
@@ -41,7 +41,7 @@ def cache_teacher(cfg: dict, *, num_shards: int = 1, shard_index: int = 0, overw
     if overwrite and num_shards > 1:
         raise UserError("--overwrite cannot be combined with several processes; delete the store first")
     torch.manual_seed(cfg["seed"])
-    dcfg, ccfg = cfg["dataset"], check_cache(cfg["cache"])
+    dcfg, ccfg = cfg["dataset"], check_cache(cfg["cache"])  # load_config checked it; again for a dict from Python
     data = load_dataset(dcfg["name"], "train", root=dcfg["root"], subset=dcfg["subset"], **dcfg["options"])
     space = ViewSpace.from_config(cfg["views"], data.image_size)
     entry = logits_entry(ccfg, data.num_classes)  # checks cache.encoding before the teacher runs
@@ -92,20 +92,6 @@ def cache_teacher(cfg: dict, *, num_shards: int = 1, shard_index: int = 0, overw
             seal_exact(store)  # before the status: a kill in between leaves them to seal at the next run
         store.mark_complete_if_done()
     return store
-
-
-def check_cache(c: dict) -> dict:
-    """The `cache` section's types and ranges, checked before the teacher runs (CacheStore.create checks
-    the dtype and the layout again, for callers that skip this)."""
-    for key, ok, must_be in (("store", lambda v: isinstance(v, (str, os.PathLike)) and str(v), "a folder path or URL"),
-                             ("batch_size", lambda v: is_int(v, 1), "an integer >= 1"),
-                             ("workers", lambda v: is_int(v, 0), "an integer >= 0 (DataLoader worker processes)"),
-                             ("samples_per_chunk", lambda v: is_int(v, 1), "an integer >= 1"),
-                             ("chunks_per_shard", lambda v: is_int(v, 1), "an integer >= 1"),
-                             ("amp", lambda v: isinstance(v, bool), "true or false")):
-        if not ok(c[key]):
-            raise UserError(f"cache.{key} must be {must_be}, got {c[key]!r}")
-    return c
 
 
 def _teacher_accuracy(teacher, info, dcfg, device) -> float:

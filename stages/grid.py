@@ -33,7 +33,7 @@ import yaml
 from tqdm import tqdm
 
 from kdcache.cluster import dask_client
-from kdcache.config import load_config, merge, parse_set, read_yaml
+from kdcache.config import check_config, load_config, merge, parse_set, read_yaml
 from kdcache.errors import UserError, is_int
 from kdcache.methods import METHODS, check_params
 
@@ -83,7 +83,8 @@ def expand_grid(grid: dict) -> list[dict]:
     """Every run of the grid: {key, folder, label, student, seed, axes, cfg, error}, in a stable order.
 
     `axes` holds the swept hyper-parameters that apply to the run's method. A run whose method or
-    parameters are invalid keeps its UserError message in `error` (reported; the others still run).
+    parameters are invalid keeps its UserError message in `error` (reported; the others still run); any other
+    bad value (the `set` overrides, a method's `train`) is a UserError here, before a cluster starts.
     """
     base = load_config(grid.get("config"), None)
     overrides = grid.get("set") or {}
@@ -93,6 +94,10 @@ def expand_grid(grid: dict) -> list[dict]:
         raise UserError(f"grid `set` cannot set {', '.join(decided)}: the grid sets it per run (use `methods` "
                         "with their params, `params` axes and `out`)")
     base = merge(base, overrides)
+    try:
+        check_config(base)
+    except UserError as e:
+        raise UserError(f"grid `set`: {e}") from None
     methods = grid["methods"]
     if not isinstance(methods, dict):
         raise UserError("grid `methods` must map a label to {method: NAME, params: {...}}")
@@ -128,6 +133,11 @@ def expand_grid(grid: dict) -> list[dict]:
                 error = str(e)
             cfg = merge(base, {"seed": seed, "train": {**train, "student": student, "method": method}})
             cfg["train"]["params"] = params
+            if error is None:
+                try:
+                    check_config(cfg)
+                except UserError as e:
+                    raise UserError(f"grid method {label!r} (student {student}, seed {seed}): {e}") from None
             key = run_key(cfg)
             if key in seen:  # two labels that resolve to one run train once
                 continue

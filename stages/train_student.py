@@ -40,9 +40,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import kdcache
+from kdcache.config import check_train
 from kdcache.data import holdout, load_dataset
 from kdcache.dataset import epoch_views, mix, view_subset
-from kdcache.errors import UserError, is_int, is_number
+from kdcache.errors import UserError
 from kdcache.files import disk_full
 from kdcache.inference import accuracy
 from kdcache.methods import build
@@ -59,8 +60,8 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
     (numpy ids and view indices, float losses): what the parity test compares.
     """
     started = time.perf_counter()
-    t = check_train(cfg["train"])
-    method = build(t["method"], t["params"])  # parameters checked and defaults filled in, once
+    t = check_train(cfg["train"])  # load_config checked it; again for a dict handed over from Python
+    method = build(t["method"], t["params"])  # parameters checked and defaults filled in
     params = method.params
     device, rank, world, own_group = processes(select_device(cfg["device"]), t["batch_size"])
     d = cfg["dataset"]
@@ -197,50 +198,6 @@ def processes(device: torch.device, batch_size: int) -> tuple[torch.device, int,
 
 
 # ---- configuration ------------------------------------------------------------------------------
-
-def check_train(t: dict) -> dict:
-    """Validate the `train` config section (pipeline/config.py lists its keys); UserError on mistakes."""
-    def need(key, ok, must_be):
-        if not ok(t[key]):
-            raise UserError(f"train.{key} must be {must_be}, got {t[key]!r}")
-
-    def integer(low):
-        return lambda v: is_int(v, low)
-
-    def number(low, high=math.inf, open_low=False):
-        return lambda v: is_number(v) and (v > low if open_low else v >= low) and v <= high
-
-    need("student", lambda v: isinstance(v, str) and v, "a model name (pipeline/models.py)")
-    need("method", lambda v: isinstance(v, str), "a method name")
-    need("params", lambda v: isinstance(v, dict), "a mapping of the method's parameters")
-    need("online", lambda v: isinstance(v, bool), "true or false")
-    need("augment", lambda v: v in ("cached", "fresh"), "'cached' (the cached views) or 'fresh' (a new view every step)")
-    need("views_used", lambda v: v is None or is_int(v, 1), "null (all cached views) or an integer >= 1")
-    need("validation", lambda v: v is None or is_int(v, 1),
-         "null (evaluate on the test split) or an integer >= 1 (the last M training images)")
-    need("epochs", integer(1), "an integer >= 1")
-    need("batch_size", integer(1), "an integer >= 1")
-    need("optimizer", lambda v: v in ("sgd", "adamw"), "'sgd' or 'adamw'")
-    need("lr", number(0, open_low=True), "a number > 0")
-    need("momentum", number(0, 1), "a number in [0, 1]")
-    need("nesterov", lambda v: isinstance(v, bool), "true or false")
-    need("weight_decay", number(0), "a number >= 0")
-    need("schedule", lambda v: v in ("cosine", "step", "constant"), "'cosine', 'step' or 'constant'")
-    need("milestones", lambda v: isinstance(v, list) and all(integer(1)(m) for m in v) and v == sorted(v),
-         "an ascending list of epochs (integers >= 1)")
-    need("lr_decay", number(0, 1, open_low=True), "a number in (0, 1]")
-    need("memory_gb", number(0), "a number >= 0 (GiB; 0 always reads from Zarr)")
-    need("chunks_per_block", integer(1), "an integer >= 1")
-    need("workers", integer(0), "an integer >= 0 (DataLoader processes replaying the views; 0: in process)")
-    need("eval_batch_size", integer(1), "an integer >= 1")
-    need("out", lambda v: isinstance(v, str) and v, "a folder path")
-    if t["augment"] == "fresh" and t["views_used"] is not None:
-        raise UserError("train.views_used picks cached views; with train.augment 'fresh' every view is new: drop one")
-    if t["schedule"] == "step" and not t["milestones"]:
-        raise UserError("train.schedule 'step' needs train.milestones (epochs after which the lr decays)")
-    build(t["method"], t["params"])
-    return t
-
 
 def make_optimizer(model, t: dict) -> torch.optim.Optimizer:
     if t["optimizer"] == "sgd":

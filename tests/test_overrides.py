@@ -52,10 +52,10 @@ def test_layers_file_then_sets_in_order_then_options():
 
 def test_sets_merge_inside_sections_and_free_form_mappings():
     cfg = load_config(SMOKE, sets=["views.views=16", "dataset.options.seed=3", "train.params.T=2",
-                                   "train.params={alpha: 0.5}"])
+                                   "train.params={w_kd: 0.5}"])
     assert cfg["views"] == {**load_config(SMOKE)["views"], "views": 16}
     assert cfg["dataset"]["options"] == {"num_samples": 512, "num_classes": 4, "channels": 1, "size": 16, "seed": 3}
-    assert cfg["train"]["params"] == {"T": 2, "alpha": 0.5}  # the data set and the method check these keys
+    assert cfg["train"]["params"] == {"T": 2, "w_kd": 0.5}  # keys the data set and the method check (at load)
 
 
 @pytest.mark.parametrize("item, message", [
