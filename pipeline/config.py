@@ -4,9 +4,9 @@ command-line options, then checked once, here (`check_config`).
 Every key a stage reads is listed in DEFAULTS, so a misspelt key is an error, not a silent default. Every
 section's values are checked when a config is loaded (`load_config`, and `kdcache grid` per run), whichever
 command loads it: a bad value in any section fails before anything starts (a teacher, a dask cluster), with
-the one-line message naming the key. Still checked by the stage that uses them: what needs the data (the class
-count bounding cache.topk, the image size of crop_flip views, the `dataset` section: kdcache.data.load_dataset)
-and stage 0's teacher settings (kdcache.stages.train_teacher.check_teacher, which also creates the folder).
+the one-line message naming the key. Left to the stage that opens the data: what needs it (whether
+dataset.root holds the data set and dataset.subset fits it, the class count bounding cache.topk, the image
+size of crop_flip views).
 The checks stay plain functions on plain dicts (no schema library): each one is also what a stage calls on a
 dict handed to it from Python (`check_train`, `check_cache`), and the kinds' own checkers (views, encodings,
 methods, stats settings) are the library's, shared with the stores they describe.
@@ -18,7 +18,12 @@ from pathlib import Path
 
 import yaml
 
+from kdcache.data import check_dataset
+from kdcache.encodings import logits_entry
 from kdcache.errors import UserError, is_int, is_number
+from kdcache.methods import build
+from kdcache.stats import check_settings
+from kdcache.views import ViewSpace
 
 DEFAULTS = {
     "device": "auto",                 # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
@@ -156,10 +161,6 @@ def check_config(cfg: dict) -> dict:
 
     Called by load_config and by `kdcache grid` for each run's config, so every command fails at load.
     """
-    from kdcache.encodings import logits_entry
-    from kdcache.methods import build
-    from kdcache.stats import check_settings
-    from kdcache.views import ViewSpace
     seed = cfg["seed"]
     if not is_int(seed, 0):
         raise UserError(f"seed must be an integer >= 0, got {seed!r}")
@@ -173,6 +174,9 @@ def check_config(cfg: dict) -> dict:
         value = cfg[section].get(key)  # a number or list here would become a folder named after it
         if not (isinstance(value, (str, os.PathLike)) and str(value) or value is None and key == "stats"):
             raise UserError(f"{section}.{key} must be a path or URL, got {value!r}")
+    d = cfg["dataset"]
+    check_dataset(d["name"], root=d["root"], subset=d["subset"], **d["options"])
+    check_teacher(cfg["teacher"])
     ViewSpace.from_config(cfg["views"], ANY_IMAGE_SIZE)
     cache = check_cache(cfg["cache"])
     encoding = cache["encoding"]
@@ -184,6 +188,18 @@ def check_config(cfg: dict) -> dict:
     check_settings(cfg["stats"])
     build(check_train(cfg["train"])["method"], cfg["train"]["params"])  # each method checks its own parameters
     return cfg
+
+
+def check_teacher(t: dict) -> dict:
+    """The `teacher` section's stage-0 settings (stage 0 also makes the checkpoint's folder, when it runs)."""
+    for key, ok, must_be in (("epochs", lambda v: is_int(v, 1), "an integer >= 1"),
+                             ("batch_size", lambda v: is_int(v, 1), "an integer >= 1"),
+                             ("lr", lambda v: is_number(v) and v > 0, "a number > 0"),
+                             ("weight_decay", lambda v: is_number(v) and v >= 0, "a number >= 0"),
+                             ("checkpoint", lambda v: isinstance(v, str) and v, "a file path")):
+        if not ok(t[key]):
+            raise UserError(f"teacher.{key} must be {must_be}, got {t[key]!r}")
+    return t
 
 
 def check_cache(c: dict) -> dict:
@@ -327,21 +343,6 @@ def plain(value, where: str, key: str = "") -> None:
     elif not (value is None or isinstance(value, (str, bool, int, float))):
         raise UserError(f"{where}: '{key}' holds a YAML {type(value).__name__}; configs take strings, numbers, "
                         "true/false, null, lists and mappings")
-
-
-def first_difference(old: dict, new: dict, *, ignore=(), old_name: str = "there", where: str = "") -> str:
-    """'' when two nested dicts (configs, manifests) are equal, top-level keys in `ignore` aside, else the first
-    differing dotted key with both values."""
-    for key in sorted(set(old) | set(new)):
-        if not where and key in ignore:
-            continue
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            if diff := first_difference(a, b, old_name=old_name, where=f"{where}{key}."):
-                return diff
-        elif a != b:
-            return f"{where}{key}: {a!r} {old_name}, {b!r} now"
-    return ""
 
 
 def _drop_none(d: dict) -> dict:

@@ -146,18 +146,9 @@ def load_dataset(name: str, split: str, *, root=None, subset: int | None = None,
     Image folders are ordered class by class, so their first n samples cover only the
     first classes; fashion-mnist and cifar100 files are already shuffled.
     """
-    if name not in DATASETS:
-        raise UserError(f"unknown data set {name!r}: choose one of {', '.join(DATASETS)}")
+    check_dataset(name, root=root, subset=subset, **options)
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}: use 'train' or 'test'")
-    allowed = SYNTHETIC_OPTIONS if name == "synthetic" else ()
-    if set(options) - set(allowed):
-        raise UserError(f"data set {name!r} does not take options {sorted(set(options) - set(allowed))}"
-                        f"{'; allowed: ' + ', '.join(allowed) if allowed else ''}")
-    if root is not None and not isinstance(root, (str, os.PathLike)):
-        raise UserError(f"dataset.root must be a folder path, got {root!r}")
-    if subset is not None and (isinstance(subset, bool) or not isinstance(subset, (int, np.integer)) or subset < 1):
-        raise UserError(f"subset must be a positive integer (keep the first n samples), got {subset!r}")
 
     if name == "fashion-mnist":
         ds = _fashion_mnist(split, root)
@@ -177,6 +168,21 @@ def load_dataset(name: str, split: str, *, root=None, subset: int | None = None,
                           files=None if ds._files is None else ds._files[:subset],
                           channels=ds.channels, root=ds.root, subset=subset, options=ds.options)
     return ds
+
+
+def check_dataset(name: str, *, root=None, subset=None, **options) -> None:
+    """The `dataset` section's values, checked without reading the data (at config load); UserError on a mistake.
+    Whether `root` holds the data set and `subset` fits it is load_dataset's to find out."""
+    if name not in DATASETS:
+        raise UserError(f"unknown data set {name!r}: choose one of {', '.join(DATASETS)}")
+    allowed = SYNTHETIC_OPTIONS if name == "synthetic" else ()
+    if set(options) - set(allowed):
+        raise UserError(f"data set {name!r} does not take options {sorted(set(options) - set(allowed))}"
+                        f"{'; allowed: ' + ', '.join(allowed) if allowed else ''}")
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        raise UserError(f"dataset.root must be a folder path, got {root!r}")
+    if subset is not None and (isinstance(subset, bool) or not isinstance(subset, (int, np.integer)) or subset < 1):
+        raise UserError(f"subset must be a positive integer (keep the first n samples), got {subset!r}")
 
 
 def holdout(full: ImageDataset, m: int, used: int) -> ImageDataset:

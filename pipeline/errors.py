@@ -1,5 +1,5 @@
 """The exception for user mistakes (the CLI prints its message on one line and exits 1), its kind for damaged
-stores, and the two value checks every config check uses."""
+stores, the two value checks every config check uses, and the dict difference that mismatch messages name."""
 import math
 
 
@@ -21,3 +21,18 @@ class StoreDamage(UserError):
     """A damaged store met while reading it (bytes that fail their checksums, edited metadata, values that cannot
     be right). Raised by the store layer whatever zarr raised, so callers and the CLI need not recognise zarr's
     errors; the message names the store, the array and the rows, and points to `kdcache verify`."""
+
+
+def first_difference(old: dict, new: dict, *, ignore=(), old_name: str = "there", where: str = "") -> str:
+    """'' when two nested dicts (configs, manifests) are equal, top-level keys in `ignore` aside, else the first
+    differing dotted key with both values."""
+    for key in sorted(set(old) | set(new)):
+        if not where and key in ignore:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            if diff := first_difference(a, b, old_name=old_name, where=f"{where}{key}."):
+                return diff
+        elif a != b:
+            return f"{where}{key}: {a!r} {old_name}, {b!r} now"
+    return ""

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch
 
-from kdcache.config import first_difference
-from kdcache.errors import UserError
+from kdcache.errors import UserError, first_difference
 from kdcache.files import disk_full, torch_bytes, write_atomic
 from kdcache.sharing import enclosing_store
 

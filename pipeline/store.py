@@ -31,8 +31,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from kdcache.config import first_difference
-from kdcache.errors import StoreDamage, UserError, is_int
+from kdcache.errors import StoreDamage, UserError, first_difference, is_int
 from kdcache.encodings import (array_specs, check_entry, class_id_arrays, decoded_itemsize, describe, is_lossless,
                                 logit_array_names)
 from kdcache.sharing import (check_output, check_unlocked, filesystem, group_exists, is_read_only, join,

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from kdcache.config import check_teacher
 from kdcache.data import load_dataset
-from kdcache.errors import UserError, is_int, is_number
+from kdcache.errors import UserError
 from kdcache.inference import accuracy
 from kdcache.models import build_model, save_checkpoint, select_device
 from kdcache.views import ViewSpace, apply_views
@@ -20,7 +21,7 @@ from kdcache.views import ViewSpace, apply_views
 
 def train_teacher(cfg: dict, *, progress: bool = True) -> float:
     """Train cfg['teacher']['arch'] on the training split; save it to cfg['teacher']['checkpoint']."""
-    tcfg, dcfg = check_teacher(cfg["teacher"]), cfg["dataset"]
+    tcfg, dcfg = writable_checkpoint(cfg["teacher"]), cfg["dataset"]
     torch.manual_seed(cfg["seed"])
     device = select_device(cfg["device"])
     data = load_dataset(dcfg["name"], "train", root=dcfg["root"], subset=dcfg["subset"], **dcfg["options"])
@@ -59,17 +60,10 @@ def train_teacher(cfg: dict, *, progress: bool = True) -> float:
     return acc
 
 
-def check_teacher(t: dict) -> dict:
-    """The stage-0 settings of the `teacher` section, checked before any data is loaded; the checkpoint's
-    folder is created now, so an unwritable path fails before training, not after."""
-    for key, ok, must_be in (("epochs", lambda v: is_int(v, 1), "an integer >= 1"),
-                             ("batch_size", lambda v: is_int(v, 1), "an integer >= 1"),
-                             ("lr", lambda v: is_number(v) and v > 0, "a number > 0"),
-                             ("weight_decay", lambda v: is_number(v) and v >= 0, "a number >= 0"),
-                             ("checkpoint", lambda v: isinstance(v, str) and v, "a file path")):
-        if not ok(t[key]):
-            raise UserError(f"teacher.{key} must be {must_be}, got {t[key]!r}")
-    path = Path(t["checkpoint"])
+def writable_checkpoint(t: dict) -> dict:
+    """The `teacher` section (checked: kdcache.config.check_teacher, for a dict from Python too), its checkpoint's
+    folder created now, so an unwritable path fails before training, not after."""
+    path = Path(check_teacher(t)["checkpoint"])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -18,6 +18,10 @@ BAD = [
     ("seed=-1", "seed must be an integer >= 0, got -1"),
     ("device=gpu", "unknown device 'gpu'; use 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     ("teacher.checkpoint=3", "teacher.checkpoint must be a path or URL, got 3"),
+    ("teacher.epochs=0", "teacher.epochs must be an integer >= 1, got 0"),
+    ("dataset.name=mnist", "unknown data set 'mnist': choose one of"),
+    ("dataset.subset=0", "subset must be a positive integer (keep the first n samples), got 0"),
+    ("dataset.options.colour=3", "data set 'synthetic' does not take options ['colour']"),
     ("views.padding=-1", "views.padding (crop_flip) must be an integer >= 0, got -1"),
     ("views={kind: center_crop, size: 0}", "views.size (center_crop output side) must be an integer >= 1, got 0"),
     ("cache.batch_size=0", "cache.batch_size must be an integer >= 1, got 0"),
@@ -94,6 +98,7 @@ def grid(tmp_path, **keys) -> Path:
 @pytest.mark.parametrize("keys, sets, message", [
     ({}, ["train.lr=-1"], "Error: grid `set`: train.lr must be a number > 0, got -1"),
     ({"set": {"stats": {"std": "sample"}}}, [], "Error: grid `set`: stats.std must be one of"),
+    ({}, ["dataset.name=mnist"], "Error: grid `set`: unknown data set 'mnist'"),
     ({"methods": {"kd": {"method": "kd", "train": {"epochs": 0}}}}, [],
      "Error: grid method 'kd' (student fmnist_cnn, seed 0): train.epochs must be an integer >= 1, got 0"),
 ])
