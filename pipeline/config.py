@@ -153,6 +153,8 @@ def load_config(path=None, overrides: dict | None = None, sets=()) -> dict:
 
 
 MAX_SEED = 2**32 - 1
+PROCESSES_PER_CORE = 8
+MAX_PROCESSES = PROCESSES_PER_CORE * (os.cpu_count() or 1)  # local processes a setting may start (workers)
 ANY_IMAGE_SIZE = (2**16, 2**16)  # stands in for the data set's (H, W) at load: no view check but crop_flip's reads it
 
 
@@ -186,8 +188,19 @@ def check_config(cfg: dict) -> dict:
                         f"logits, got {k!r}")
     logits_entry(cache, k + 1 if k is not None else 2)
     check_settings(cfg["stats"])
+    check_processes(cfg["stats"]["workers"], "--workers")  # stats.workers, or `kdcache stats --workers`
     build(check_train(cfg["train"])["method"], cfg["train"]["params"])  # each method checks its own parameters
     return cfg
+
+
+def check_processes(n, what: str) -> None:
+    """`n` local worker processes (a dask LocalCluster's; None: none asked for): UserError unless 1..MAX_PROCESSES, so
+    an absurd count fails in one line instead of forking until the machine runs out of memory."""
+    if n is not None and not is_int(n, 1):
+        raise UserError(f"{what} must be >= 1, got {n!r} (an integer: local worker processes)")
+    if n is not None and n > MAX_PROCESSES:
+        raise UserError(f"{what} must be at most {MAX_PROCESSES} ({PROCESSES_PER_CORE} local worker processes per core "
+                        f"of this machine), got {n!r}")
 
 
 def check_teacher(t: dict) -> dict:
@@ -207,7 +220,8 @@ def check_cache(c: dict) -> dict:
     checks the dtype and the layout again, for callers that skip this)."""
     for key, ok, must_be in (("store", lambda v: isinstance(v, (str, os.PathLike)) and str(v), "a folder path or URL"),
                              ("batch_size", lambda v: is_int(v, 1), "an integer >= 1"),
-                             ("workers", lambda v: is_int(v, 0), "an integer >= 0 (DataLoader worker processes)"),
+                             ("workers", lambda v: is_int(v, 0) and v <= MAX_PROCESSES,
+                              f"an integer >= 0 (DataLoader worker processes), at most {MAX_PROCESSES}"),
                              ("samples_per_chunk", lambda v: is_int(v, 1), "an integer >= 1"),
                              ("chunks_per_shard", lambda v: is_int(v, 1), "an integer >= 1"),
                              ("amp", lambda v: isinstance(v, bool), "true or false")):
@@ -249,7 +263,8 @@ def check_train(t: dict) -> dict:
     need("lr_decay", number(0, 1, open_low=True), "a number in (0, 1]")
     need("memory_gb", number(0), "a number >= 0 (GiB; 0 always reads from Zarr)")
     need("chunks_per_block", integer(1), "an integer >= 1")
-    need("workers", integer(0), "an integer >= 0 (DataLoader processes replaying the views; 0: in process)")
+    need("workers", lambda v: is_int(v, 0) and v <= MAX_PROCESSES,
+         f"an integer >= 0 (DataLoader processes replaying the views; 0: in process), at most {MAX_PROCESSES}")
     need("eval_batch_size", integer(1), "an integer >= 1")
     need("out", lambda v: isinstance(v, str) and v, "a folder path")
     if t["augment"] == "fresh" and t["views_used"] is not None:

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from kdcache.cluster import dask_client
-from kdcache.errors import StoreDamage, UserError, is_int
+from kdcache.config import check_processes
+from kdcache.errors import StoreDamage, UserError
 from kdcache.files import disk_full
 from kdcache.stats import (Output, block_statistics, check_settings, class_statistics, computed_record, create_array,
                             derivation, exact_array, plan_outputs, read_stat, stat_state, uncomputable)
@@ -66,9 +67,7 @@ def compute_stats(path, settings: dict, *, out=None, scheduler: str | None = Non
     """
     if scheduler is not None and not (isinstance(scheduler, str) and scheduler):
         raise UserError(f"stats.scheduler must be the address of a dask scheduler (e.g. tcp://host:8786), got {scheduler!r}")
-    if workers is not None and not is_int(workers, 1):
-        raise UserError(f"--workers must be >= 1, got {workers!r} (an integer: local worker processes; "
-                        "stats.workers in a config)")
+    check_processes(workers, "--workers")
     if scheduler and workers:
         raise UserError("give either --scheduler ADDRESS or --workers N, not both")
     settings = check_settings(settings)

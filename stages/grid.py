@@ -33,7 +33,7 @@ import yaml
 from tqdm import tqdm
 
 from kdcache.cluster import dask_client
-from kdcache.config import check_config, load_config, merge, parse_set, read_yaml
+from kdcache.config import check_config, check_processes, load_config, merge, parse_set, read_yaml
 from kdcache.errors import UserError, is_int
 from kdcache.methods import METHODS, check_params
 
@@ -192,6 +192,7 @@ def run_grid(grid_path, *, sets=(), workers: int | None = None, scheduler: str |
     """
     from distributed import as_completed
 
+    check_processes(workers, "--workers")
     grid = load_grid(grid_path, sets)
     runs = expand_grid(grid)
     out = Path(grid["out"])

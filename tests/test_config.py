@@ -25,6 +25,9 @@ BAD = [
     ("views.padding=-1", "views.padding (crop_flip) must be an integer >= 0, got -1"),
     ("views={kind: center_crop, size: 0}", "views.size (center_crop output side) must be an integer >= 1, got 0"),
     ("cache.batch_size=0", "cache.batch_size must be an integer >= 1, got 0"),
+    ("cache.workers=2147483648", "cache.workers must be an integer >= 0 (DataLoader worker processes), at most"),
+    ("train.workers=1000000000000", "train.workers must be an integer >= 0 (DataLoader processes replaying"),
+    ("stats.workers=1000000", "--workers must be at most"),  # not a fork bomb: the fuzz found these
     ("cache.encoding={quantized: 4}", "cache.encoding.quantized must be 8 or 16 (bits per logit), got 4"),
     ("cache.topk=ten", "cache.topk must be an integer >= 1 (and below the class count)"),
     ("stats.gammas=[-1]", "stats.gammas (gamma) must be a finite number > 0, got -1"),
@@ -115,3 +118,10 @@ def test_a_grid_run_with_bad_method_parameters_is_still_reported_per_run(tmp_pat
     from kdcache.stages.grid import expand_grid, load_grid
     runs = expand_grid(load_grid(grid(tmp_path, params={"T": [-1, 4]})))
     assert [r["error"] for r in runs] == ["method 'kd': parameter T=-1 must be a number > 0", None]
+
+
+@pytest.mark.parametrize("args", [["stats", "STORE", "--workers", "100000"], ["grid", "GRID", "--workers", "100000"]])
+def test_absurd_numbers_of_local_processes_are_refused(args, tmp_path):
+    r = CliRunner().invoke(cli, [str(tmp_path / a) if a.isupper() else a for a in args])
+    assert r.exit_code == 1 and r.output.startswith("Error: --workers must be at most "), r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
