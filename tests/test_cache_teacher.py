@@ -220,18 +220,23 @@ def bigger(cfg, tmp_path, name):
     return cfg, write_config(cfg, tmp_path / f"{name}.yaml")
 
 
+def kill_after_shards(yaml_path, store_path, shards: int = 3) -> None:
+    """Run stage 1 on the config at `yaml_path` in a subprocess and SIGKILL it once `shards` shards are recorded done."""
+    done_dir = Path(store_path) / "shard_done" / "c"
+    proc = kdcache("cache-teacher", "--config", yaml_path)
+    while not (done_dir.exists() and len(list(done_dir.iterdir())) >= shards):
+        assert proc.poll() is None, "stage 1 finished before it could be killed"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(smoke_cfg, tmp_path):
     ref_cfg, ref_yaml = bigger(smoke_cfg, tmp_path, "ref")
     assert kdcache("cache-teacher", "--config", ref_yaml).wait() == 0
     cfg, yaml_path = bigger(smoke_cfg, tmp_path, "killed")
-    done_dir = tmp_path / "killed.zarr" / "shard_done" / "c"
-    proc = kdcache("cache-teacher", "--config", yaml_path)
-    while not (done_dir.exists() and len(list(done_dir.iterdir())) >= 3):
-        assert proc.poll() is None, "stage 1 finished before it could be killed"
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_shards(yaml_path, cfg["cache"]["store"])
     store = CacheStore.open(cfg["cache"]["store"])
     finished = np.flatnonzero(store.done())
     assert store.status == "incomplete" and 0 < len(finished) < store.num_shards

@@ -3,8 +3,6 @@ derives the temperatures from them, stage 3 reads them; a top-k, a quantized and
 statistics of the dense store of the same teacher, which the decoded logits do not."""
 import json
 import shutil
-import signal
-import time
 
 import numpy as np
 import pytest
@@ -293,19 +291,13 @@ def test_two_processes_write_the_exact_arrays_of_one(stores, teacher_ckpt, tmp_p
 
 @pytest.mark.slow  # ~25 s: three stage-1 runs of 1024 samples x 18 views in subprocesses
 def test_sigkill_then_resume_gives_the_exact_arrays_of_an_uninterrupted_run(smoke_cfg, tmp_path):
-    from tests.test_cache_teacher import bigger
+    from tests.test_cache_teacher import bigger, kill_after_shards
     smoke_cfg["cache"]["encoding"] = ENCODINGS["top2"]
     smoke_cfg["stats"].update(STATS)
     ref_cfg, ref_yaml = bigger(smoke_cfg, tmp_path, "ref")
     assert kdcache("cache-teacher", "--config", ref_yaml).wait() == 0
     cfg, yaml_path = bigger(smoke_cfg, tmp_path, "killed")
-    done_dir = tmp_path / "killed.zarr" / "shard_done" / "c"
-    proc = kdcache("cache-teacher", "--config", yaml_path)
-    while not (done_dir.exists() and len(list(done_dir.iterdir())) >= 3):
-        assert proc.poll() is None, "stage 1 finished before it could be killed"
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_shards(yaml_path, cfg["cache"]["store"])
     assert CacheStore.open(cfg["cache"]["store"]).status == "incomplete"
     resumed = kdcache("cache-teacher", "--config", yaml_path)
     assert resumed.wait() == 0, resumed.stderr.read()
