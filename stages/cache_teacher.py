@@ -5,7 +5,7 @@ the teacher never waits for compression or the disk), written whole, and only th
 restarted run skips done shards. Shards are dealt round-robin to processes (--num-shards/--shard-index,
 or torchrun's WORLD_SIZE/RANK), so no shard is ever written by two processes.
 
-A store whose encoding loses information (top-k, quantized, sampled) cannot give back the std, min or power
+A store whose encoding loses information (bfloat16, quantized, top-k, sampled) cannot give back the std, min or power
 sums of the logits, so for those stage 1 also writes, from the float32 logits before encoding, the exact per-row
 statistics (`kdcache.stats.exact_outputs`, in stats/) with each shard, before it is recorded done, and seals
 them with the fingerprint when the store is complete: stage 2 and stage 3 use them instead of decoded values.
@@ -109,7 +109,8 @@ def _image_sizes(data, ids):
 
 def _checked_cast(logits: np.ndarray, entry: dict, shard: int, ids: np.ndarray) -> dict:
     """The arrays the store holds of the float32 logits of samples `ids` (`encode_logits` by the manifest's `logits`
-    entry, what `CacheStore.write_shard` takes; a sampled store's draws keyed by sample id); refuse NaN/Inf teacher outputs (and float16 overflow) instead of caching garbage."""
+    entry, what `CacheStore.write_shard` takes; a sampled store's draws keyed by sample id); refuse NaN/Inf teacher
+    outputs (and float16 overflow) instead of caching garbage."""
     bad = int((~np.isfinite(logits)).sum())
     if bad:
         raise UserError(f"the teacher produced {bad} NaN/Inf logits in shard {shard}; nothing of it was "
