@@ -23,7 +23,7 @@ from kdcache.errors import StoreDamage, UserError, is_int, is_number
 from kdcache.methods import build
 from kdcache.sharing import group_exists, open_overlay
 from kdcache.stats import load_stat, read_stat
-from kdcache.encodings import decode_logits, is_lossless, sampled_temperature
+from kdcache.encodings import decode_logits, dense_logits_available, describe, is_lossless, sampled_temperature
 from kdcache.store import CacheStore, bad_values, reading
 from kdcache.inference import ViewBatches
 from kdcache.views import ViewSpace
@@ -156,6 +156,10 @@ class CacheDataset(torch.utils.data.Dataset):
             raise UserError(f"memory_gb must be a number >= 0 and cache_chunks an integer >= 1, got {memory_gb!r}, "
                             f"{cache_chunks!r}")
         self.cache = cache = open_cache(path, overlay)
+        if not dense_logits_available(cache.manifest["logits"]):
+            raise UserError(f"store {cache.path} holds {describe(cache.manifest['logits'])}, not logits: "
+                            "CacheDataset yields logits; train on it with `kdcache train` (method kd at its temperature) "
+                            "or read its arrays with open_cache(...).read_chunks and kdcache.losses.sampled_kd_loss")
         N, V = cache.num_samples, cache.num_views
         if views_used is not None and not (is_int(views_used, 1) and views_used <= V):
             raise UserError(f"views_used must be an integer in 1..{V} (the views per sample the store holds), "

@@ -306,3 +306,10 @@ def test_sigkill_then_resume_gives_the_exact_arrays_of_an_uninterrupted_run(smok
     for name, values in exact_values(got).items():
         np.testing.assert_array_equal(values, exact_values(want)[name], err_msg=name)
         assert got.group["stats"][name].attrs["logits_fingerprint"] == got.fingerprint()
+
+
+def test_the_dataset_refuses_a_sampled_store_in_one_line(stores):
+    from kdcache.dataset import CacheDataset
+    with pytest.raises(UserError, match=r"holds sampled targets: 8 draws per row at temperature 1, not logits") as e:
+        CacheDataset(stores["sampled"]["cache"]["store"])
+    assert "\n" not in str(e.value)
