@@ -23,6 +23,7 @@ from kdcache.encodings import logits_entry
 from kdcache.errors import UserError, is_int, is_number
 from kdcache.methods import build
 from kdcache.stats import check_settings
+from kdcache.store import LAYOUTS
 from kdcache.views import ViewSpace
 
 DEFAULTS = {
@@ -56,7 +57,10 @@ DEFAULTS = {
                                       # (default 1), seed: s (default 0)}: how the store holds the logits
                                       # (docs/FORMAT.md, "Logit encodings"); sampled: kd at T, ttm/wttm at 1/T
         "dtype": "float16",           # float16 | float32 | bfloat16: dense logits (and top-k values: float16|float32)
-        "samples_per_chunk": 256,     # chunk = (samples_per_chunk, V, K)
+        "samples_per_chunk": 256,     # chunk = (samples_per_chunk, V, K), or (samples_per_chunk, 1, K) view-major
+        "layout": "sample-major",     # sample-major | view-major: a chunk holds one view of its samples, so an epoch
+                                      # reads 1/V of the store (large stores read from Zarr); stage 3 then chooses
+                                      # the epoch's view per chunk of samples (docs/FORMAT.md, "Layout")
         "chunks_per_shard": 16,       # shard = the unit of work, resume and ownership between processes
         "batch_size": 512,            # teacher batch, in (sample, view) images
         "amp": False,                 # CUDA only: run the teacher under float16 autocast
@@ -224,6 +228,7 @@ def check_cache(c: dict) -> dict:
                               f"an integer >= 0 (DataLoader worker processes), at most {MAX_PROCESSES}"),
                              ("samples_per_chunk", lambda v: is_int(v, 1), "an integer >= 1"),
                              ("chunks_per_shard", lambda v: is_int(v, 1), "an integer >= 1"),
+                             ("layout", lambda v: v in LAYOUTS, " or ".join(LAYOUTS)),
                              ("amp", lambda v: isinstance(v, bool), "true or false")):
         if not ok(c[key]):
             raise UserError(f"cache.{key} must be {must_be}, got {c[key]!r}")

@@ -43,7 +43,7 @@ class Cache:
 
     def __init__(self, path, overlay=None):
         self.path, self.overlay = str(path), None if overlay is None else str(overlay)
-        self._store, self._pid, self._digests = None, None, None
+        self._store, self._pid, self._digests, self._view_digests = None, None, None, None
         store = self.store
         self.manifest = store.manifest
         self.fingerprint = store.fingerprint()
@@ -75,9 +75,14 @@ class Cache:
             self._digests = self.store.recorded_digests() or {}
         return self._digests or None
 
-    def read_chunks(self, names, rows: slice) -> dict[str, np.ndarray]:
-        """Rows `rows` (whole chunks) of per-sample arrays `names`, as stored, checked against their digests."""
-        return {n: self.store.read_rows(n, rows, self.digests()) for n in names}
+    def read_chunks(self, names, rows: slice, view: int | None = None) -> dict[str, np.ndarray]:
+        """Rows `rows` (whole chunks) of per-sample arrays `names`, as stored, checked against their digests. With
+        `view` (a view-major store's logit arrays): that view of the rows, (n, ...), reading only its chunks."""
+        if view is None:
+            return {n: self.store.read_rows(n, rows, self.digests()) for n in names}
+        if self._view_digests is None:
+            self._view_digests = self.store.recorded_view_digests()
+        return {n: self.store.read_view(n, rows, view, self._view_digests) for n in names}
 
     @cached_property
     def labels(self) -> np.ndarray:
@@ -179,7 +184,9 @@ class CacheDataset(torch.utils.data.Dataset):
         # view params, P integers per (sample, view) like P statistics: loaded whole as the statistics are
         self.params = cache.read_chunks(["views"], slice(0, N))["views"]
         self.loaded = cache.read_chunks(self.targets, slice(0, N)) if self.in_memory else None
-        self.subset = view_subset(N, V, views_used, cache.space.seed) if views_used and views_used < V else None
+        self.group = store.view_group  # samples sharing a view per epoch: one chunk's in a view-major store
+        self.subset = (view_subset(N, V, views_used, cache.space.seed, self.group) if views_used and views_used < V
+                       else None)
         self._chunks = OrderedDict()  # chunk index -> its rows of the target arrays, least recently used first
         self.set_epoch(0)
 
@@ -187,7 +194,7 @@ class CacheDataset(torch.utils.data.Dataset):
         """Use epoch `epoch`'s views (stage 3's): call it before each epoch's `iter(loader)`, which hands the
         dataset to the workers (not with persistent_workers)."""
         n, V = self.cache.num_samples, self.cache.num_views
-        views = epoch_views(n, V if self.subset is None else self.subset.shape[1], self.seed, epoch)
+        views = epoch_views(n, V if self.subset is None else self.subset.shape[1], self.seed, epoch, self.group)
         self.views = views if self.subset is None else self.subset[np.arange(n), views]
         self.epoch = epoch
 
@@ -214,24 +221,30 @@ class CacheDataset(torch.utils.data.Dataset):
         """The stored rows of the logit arrays (logits, or a top-k store's arrays) of (ids[i], views[i])."""
         if self.in_memory:
             return {n: self.loaded[n][ids, views] for n in self.targets}
-        step, out = self.cache.samples_per_chunk, {}
-        chunks = ids // step
-        for c in dict.fromkeys(chunks.tolist()):  # in order of first use: block by block in ChunkSampler's order
-            rows, mine = self._chunk(c), chunks == c
+        step, V, out = self.cache.samples_per_chunk, self.cache.num_views, {}
+        one_view = self.cache.store.view_major  # a chunk read is one view of its rows
+        keys = ids // step * V + views if one_view else ids // step
+        for key in dict.fromkeys(keys.tolist()):  # in order of first use: block by block in ChunkSampler's order
+            rows, mine = self._chunk(key), keys == key
+            at = ids[mine] - key // V * step if one_view else (ids[mine] - key * step, views[mine])
             for n in self.targets:
-                part = rows[n][ids[mine] - c * step, views[mine]]
+                part = rows[n][at]
                 out.setdefault(n, np.empty((len(ids), *part.shape[1:]), part.dtype))[mine] = part
         return out
 
-    def _chunk(self, c: int) -> dict[str, np.ndarray]:
-        if c in self._chunks:
-            self._chunks.move_to_end(c)
+    def _chunk(self, key: int) -> dict[str, np.ndarray]:
+        """Chunk `key` of the logit arrays: chunk c of rows (key c), or in a view-major store its view v
+        (key c * V + v)."""
+        if key in self._chunks:
+            self._chunks.move_to_end(key)
         else:
-            step = self.cache.samples_per_chunk
-            self._chunks[c] = self.cache.read_chunks(self.targets, slice(c * step, min((c + 1) * step, len(self))))
+            step, V = self.cache.samples_per_chunk, self.cache.num_views
+            c, view = divmod(key, V) if self.cache.store.view_major else (key, None)
+            self._chunks[key] = self.cache.read_chunks(self.targets, slice(c * step, min((c + 1) * step, len(self))),
+                                                       view)
             if len(self._chunks) > self.cache_chunks:
                 self._chunks.popitem(last=False)
-        return self._chunks[c]
+        return self._chunks[key]
 
     def __getstate__(self):
         return {**self.__dict__, "_chunks": OrderedDict()}  # each worker fills its own chunk cache
@@ -298,25 +311,27 @@ def mix(*words) -> int | np.ndarray:
     return int(h[0]) if all(np.ndim(w) == 0 for w in words) else h
 
 
-def epoch_views(n: int, num_views: int, seed: int, epoch: int) -> np.ndarray:
+def epoch_views(n: int, num_views: int, seed: int, epoch: int, group: int = 1) -> np.ndarray:
     """The view index (n,) each sample uses in `epoch`.
 
-    Per sample and cycle of V epochs, the V views are ranked by a hash of (seed, cycle, sample, view);
-    epoch e takes rank e mod V. A pure function of its arguments, and no view repeats within a cycle.
+    Per group of `group` consecutive samples (1: per sample; a view-major store's chunk: `CacheStore.view_group`)
+    and cycle of V epochs, the V views are ranked by a hash of (seed, cycle, group, view); epoch e takes rank
+    e mod V. A pure function of its arguments, and no view repeats within a cycle.
     """
     cycle, rank = divmod(epoch, num_views)
-    keys = mix(seed, cycle, np.arange(n)[:, None], np.arange(num_views)[None, :])
-    return np.argpartition(keys, rank, axis=1)[:, rank].astype(np.int64)
+    keys = mix(seed, cycle, np.arange(-(-n // group))[:, None], np.arange(num_views)[None, :])
+    return np.repeat(np.argpartition(keys, rank, axis=1)[:, rank].astype(np.int64), group)[:n]
 
 
-def view_subset(n: int, num_views: int, k: int, views_seed: int) -> np.ndarray:
-    """The fixed K of V view indices (n, K) each sample may use (`train.views_used`).
+def view_subset(n: int, num_views: int, k: int, views_seed: int, group: int = 1) -> np.ndarray:
+    """The fixed K of V view indices (n, K) each sample (each group of `group` samples, as `epoch_views`) may use
+    (`train.views_used`).
 
-    The K lowest-ranked views by a hash of (views seed, sample, view): random per sample, independent of
-    the training seed (like a store built with K views), and nested (the subset for K holds the one for K-1).
+    The K lowest-ranked views by a hash of (views seed, group, view): random per group, independent of the training
+    seed (like a store built with K views), and nested (the subset for K holds the one for K-1).
     """
-    keys = mix(views_seed, 0x5EED, np.arange(n)[:, None], np.arange(num_views)[None, :])
-    return np.argsort(keys, axis=1, kind="stable")[:, :k].astype(np.int64)
+    keys = mix(views_seed, 0x5EED, np.arange(-(-n // group))[:, None], np.arange(num_views)[None, :])
+    return np.repeat(np.argsort(keys, axis=1, kind="stable")[:, :k].astype(np.int64), group, axis=0)[:n]
 
 
 def block_shuffled(n: int, seed: int, epoch: int, chunk: int, chunks_per_block: int) -> list[np.ndarray]:

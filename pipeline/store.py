@@ -7,10 +7,15 @@
     shard_done  (S,)      uint8             completion record, one element (and one file) per shard
     chunk_crc32c (C, A)   uint32            per inner chunk of rows and per-sample array, a digest of the rows
                                             written there (format 1.1; one file per shard)
+    view_crc32c (C, V, L) uint32            view-major stores (format 1.3): per chunk of rows, view and logit
+                                            array, a digest of that view's rows (what a reader of one view checks)
 
 All per-sample arrays share one sharding along N, so a shard of work is one shard file per array and
-is only ever written by one process. Group attributes hold the format, the status and the manifest;
-everything is JSON and codecs from the Zarr v3 spec (blosc, crc32c, sharding) - no pickles.
+is only ever written by one process. Layout: an inner chunk of the logit arrays holds c samples x all V views
+(sample-major, the default), or c samples x one view (view-major): an epoch that uses one view per sample then
+reads 1/V of the store, when views are chosen per chunk of samples (`CacheStore.view_group`). Group attributes
+hold the format, the layout, the status and the manifest; everything is JSON and codecs from the Zarr v3 spec
+(blosc, crc32c, sharding) - no pickles.
 """
 import contextlib
 import hashlib
@@ -39,8 +44,11 @@ from kdcache.sharing import (check_output, check_unlocked, filesystem, group_exi
 
 FORMAT = "kdcache-logit-cache"
 FORMAT_VERSION = 1
-FORMAT_MINOR_VERSION = 2  # 1.1: chunk_crc32c digests; manifest_sha256 required. 1.2: bfloat16, quantized, sampled
+FORMAT_MINOR_VERSION = 3  # 1.1: chunk_crc32c digests; manifest_sha256 required. 1.2: bfloat16, quantized, sampled.
+#                            1.3: the view-major layout (layout attribute, view_crc32c)
 DIGESTS = "chunk_crc32c"
+VIEW_DIGESTS = "view_crc32c"
+LAYOUTS = ("sample-major", "view-major")
 DTYPES = ("float16", "float32", "bfloat16")
 # Blosc settings of new stores' per-sample arrays (a store is read with those its zarr.json names): of the codecs
 # within 5 % of the best compression of teacher logits, the fastest to decode (docs/BENCHMARKS.md, "Reading at scale").
@@ -83,6 +91,10 @@ class CacheStore:
                 check_entry(entry, f"store {path}")
             except ValueError as e:
                 raise StoreDamage(f"store {path}: {e}: its zarr.json is damaged") from None
+        self.layout = attrs.get("layout", "sample-major")  # stores before 1.3 have none
+        if self.layout not in LAYOUTS:
+            raise UserError(f"store {path} has the layout {self.layout!r}, which this kdcache does not read (it reads "
+                            f"{', '.join(LAYOUTS)}): it was written by a newer kdcache; upgrade")
         self.views, self.labels, self.shard_done = (self.array(n) for n in ("views", "labels", "shard_done"))
         # The arrays that hold the logits, by the encoding (kdcache.encodings reads them back).
         self.logit_arrays = {n: self.array(n) for n in logit_array_names(attrs["manifest"])}
@@ -91,6 +103,7 @@ class CacheStore:
         self.layouts = {name: _direct_layout(a) for name, a in self.per_sample.items()}  # how `read_rows` reads them
         # Format 1.1: a crc32c of every inner chunk of rows of each per-sample array, recorded as it is written.
         self.digests = self.array(DIGESTS) if self.minor_version >= 1 else None
+        self.view_digests = self.array(VIEW_DIGESTS) if self.view_major else None
         self.samples_per_shard = self.labels.shards[0]
         self._check_dtypes()
         if self.status == "complete":
@@ -116,14 +129,25 @@ class CacheStore:
         """Every array has the format's data type: zarr would misread every chunk of one whose `data_type` was
         edited in its zarr.json (a reshape error deep in a read, or silently other numbers of the same size)."""
         expected = {"logits": "float16/float32", "views": "int32", "labels": "int32", "shard_done": "uint8",
-                    DIGESTS: "uint32"}
+                    DIGESTS: "uint32", VIEW_DIGESTS: "uint32"}
         if self.manifest.get("logits") is not None:
             expected.update({n: spec[0] for n, spec in array_specs(self.entry, self.num_classes).items()})
-        for name, a in {**self.per_sample, "shard_done": self.shard_done, DIGESTS: self.digests}.items():
+        for name, a in {**self.per_sample, "shard_done": self.shard_done, DIGESTS: self.digests,
+                        VIEW_DIGESTS: self.view_digests}.items():
             if a is not None and str(a.dtype) not in expected[name].split("/"):
                 raise StoreDamage(f"store {self.path}: {name}/zarr.json says data type {a.dtype}, but the format "
                                   f"(and the manifest) says {expected[name]}: its metadata was edited, every chunk "
                                   "would be misread; restore it or rebuild the store")
+
+    @property
+    def view_major(self) -> bool:
+        return self.layout == "view-major"
+
+    @property
+    def view_group(self) -> int:
+        """How many consecutive samples share their epoch's view index in stage 3 (`kdcache.dataset.epoch_views`):
+        1, or a chunk's samples in a view-major store, so that an epoch reads one view of each chunk."""
+        return self.samples_per_chunk if self.view_major else 1
 
     # ---- opening and creating -------------------------------------------------------------------
     @classmethod
@@ -135,7 +159,7 @@ class CacheStore:
     @classmethod
     def create(cls, path, manifest: dict, *, num_samples: int, num_views: int, num_classes: int,
                num_params: int, dtype: str = "float16", samples_per_chunk: int = 256,
-               chunks_per_shard: int = 16) -> "CacheStore":
+               chunks_per_shard: int = 16, layout: str = "sample-major") -> "CacheStore":
         """Create an empty store such that a reader sees either no store or a whole one.
 
         Local: built beside `path`, then renamed into place. When several processes race to create the
@@ -152,21 +176,23 @@ class CacheStore:
                             f"logits entry, which says how its uint16 array is read), got {dtype!r}")
         if samples_per_chunk < 1 or chunks_per_shard < 1:
             raise UserError("cache.samples_per_chunk and cache.chunks_per_shard must be >= 1")
-        layout = (manifest, num_samples, num_views, num_classes, num_params, dtype,
-                  samples_per_chunk, samples_per_chunk * chunks_per_shard)
+        if layout not in LAYOUTS:
+            raise UserError(f"cache.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        spec = (manifest, num_samples, num_views, num_classes, num_params, dtype,
+                samples_per_chunk, samples_per_chunk * chunks_per_shard, layout)
         if is_read_only(path):
             raise UserError(f"cannot write cache store {path}: {protocol(path)} URLs are read-only; "
                             "write to a local path or an object store (s3://, gs://)")
         local = local_path(path)
         if local is None:
             with tempfile.TemporaryDirectory(prefix="kdcache-create-") as tmp:
-                _build(Path(tmp) / "store.zarr", *layout)
+                _build(Path(tmp) / "store.zarr", *spec)
                 _put_documents(Path(tmp) / "store.zarr", path)
             return cls.open(path, mode="r+")
         tmp = local.with_name(f".{local.name}.creating-{uuid.uuid4().hex[:8]}")
         try:
             local.parent.mkdir(parents=True, exist_ok=True)
-            _build(tmp, *layout)
+            _build(tmp, *spec)
             os.rename(tmp, local)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -175,7 +201,7 @@ class CacheStore:
         return cls.open(path, mode="r+")
 
     @classmethod
-    def open_or_create(cls, path, manifest: dict, *, overwrite: bool = False, **layout) -> "CacheStore":
+    def open_or_create(cls, path, manifest: dict, *, overwrite: bool = False, **create_args) -> "CacheStore":
         """Open the store at `path` if its manifest matches, else create it (replace it with `overwrite`,
         unless another writer holds a lock on it)."""
         manifest = json.loads(json.dumps(manifest))  # compare in the stored (JSON) form: tuples -> lists
@@ -186,11 +212,15 @@ class CacheStore:
         if overwrite and group_exists(path):
             _replace(path)
         if not group_exists(path):
-            return cls.create(path, manifest, **layout)
+            return cls.create(path, manifest, **create_args)
         store = cls.open(path, mode="r+")
         diff = manifest_difference(store.manifest, manifest)
         if diff:
             raise UserError(f"store {path} was built from a different manifest ({diff}); "
+                            "use --overwrite to replace it or --out for a new store")
+        layout = create_args.get("layout", "sample-major")
+        if store.layout != layout:
+            raise UserError(f"store {path} has the layout {store.layout}, not the {layout} asked for (cache.layout); "
                             "use --overwrite to replace it or --out for a new store")
         return store
 
@@ -290,6 +320,34 @@ class CacheStore:
                    None if digests is None else digests[name][chunks_of(rows, c)])
         return values
 
+    def recorded_view_digests(self) -> dict[str, np.ndarray] | None:
+        """{logit array name: (C, V) uint32 crc32c per inner chunk of rows and view} of a view-major store (what a
+        reader of one view checks, `rows_crc32c` with the view); None for a sample-major store."""
+        if self.view_digests is None:
+            return None
+        with reading(self.path, self.view_digests, slice(0, self.view_digests.shape[0])):
+            table = self.view_digests[...]
+        names = self.view_digests.attrs.get("arrays")
+        if not isinstance(names, list) or len(names) != table.shape[2]:
+            raise StoreDamage(f"store {self.path}: {VIEW_DIGESTS} has no valid 'arrays' attribute: its zarr.json is "
+                              "damaged")
+        return {name: table[:, :, j] for j, name in enumerate(names)}
+
+    def read_view(self, name: str, rows: slice, view: int, view_digests: dict) -> np.ndarray:
+        """View `view` of rows `rows` (whole chunks) of logit array `name` of a view-major store, (n, ...): only that
+        view's chunks are read; checked like `read_rows`, against `recorded_view_digests`."""
+        a = self.per_sample[name]
+        with reading(self.path, a, rows):
+            values = whole_chunks(a, rows, self.layouts[name], view)
+        c = self.samples_per_chunk
+        problem = bad_values(name, values, self.num_classes, np.arange(rows.start, rows.stop),
+                             np.full(len(values), view))
+        if problem is None:
+            problem = bad_digest(name, values, rows.start, c, view_digests[name][chunks_of(rows, c), view], view)
+        if problem is not None:
+            raise StoreDamage(f"store {self.path}: {problem}: the store is damaged; run `kdcache verify {self.path}`")
+        return values
+
     def read_views(self, name: str, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
         """View views[i] of sample rows[i] of per-sample array `name`, for every i: one coordinate selection (zarr
         decodes each chunk it touches once), checked to be finite and in range (not against the digests: those
@@ -321,9 +379,13 @@ class CacheStore:
             self.per_sample[name][rows] = values
         if self.digests is not None:  # after the data, before the record: a crash in between redoes the shard
             c = self.samples_per_chunk
-            self.digests[rows.start // c:-(-rows.stop // c)] = np.stack(
-                [chunk_crc32c(np.asarray(written[n], dtype=self.per_sample[n].dtype), rows.start, c)
-                 for n in self.digests.attrs["arrays"]], axis=1)
+            stored = {n: np.asarray(v, dtype=self.per_sample[n].dtype) for n, v in written.items()}
+            chunks = slice(rows.start // c, -(-rows.stop // c))
+            self.digests[chunks] = np.stack([chunk_crc32c(stored[n], rows.start, c)
+                                             for n in self.digests.attrs["arrays"]], axis=1)
+            if self.view_digests is not None:
+                self.view_digests[chunks] = np.stack([view_chunk_crc32c(stored[n], rows.start, c)
+                                                      for n in self.view_digests.attrs["arrays"]], axis=2)
         self.shard_done[shard] = 1
 
     def mark_complete_if_done(self) -> bool:
@@ -351,7 +413,7 @@ def _replace(path) -> None:
     remove(path)
 
 
-def _build(path, manifest, n, v, k, p, dtype, chunk, shard):
+def _build(path, manifest, n, v, k, p, dtype, chunk, shard, layout):
     entry = manifest.get("logits") or {"dtype": dtype}
     try:  # checked before anything is written
         check_entry(entry, "the new store", k)
@@ -360,18 +422,20 @@ def _build(path, manifest, n, v, k, p, dtype, chunk, shard):
     group = zarr.open_group(str(path), mode="w-", zarr_format=3)
     group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION,
                         "format_minor_version": FORMAT_MINOR_VERSION, "status": "incomplete",
-                        "manifest": manifest, "manifest_sha256": manifest_sha256(manifest)})
+                        "manifest": manifest, "manifest_sha256": manifest_sha256(manifest), "layout": layout})
 
-    def per_sample(name, shape, dtype, itemsize, dims, attributes=None):
+    def per_sample(name, shape, dtype, itemsize, dims, attributes=None, views_per_chunk=v):
+        inner = (chunk, views_per_chunk, *shape[2:]) if len(shape) > 1 else (chunk,)
         group.create_array(
-            name, shape=shape, dtype=dtype, chunks=(chunk,) + shape[1:], shards=(shard,) + shape[1:],
+            name, shape=shape, dtype=dtype, chunks=inner, shards=(shard,) + shape[1:],
             compressors=[BloscCodec(**CODEC, typesize=itemsize),
                          Crc32cCodec()],
             fill_value=0, dimension_names=dims, attributes=attributes)
 
     for name, (a_dtype, tail, dims) in array_specs(entry, k).items():
         per_sample(name, (n, v, *tail), a_dtype, np.dtype(a_dtype).itemsize, ("sample", "view", *dims),
-                   {"num_classes": k} if name in class_id_arrays(entry) else None)  # K: the range of the ids
+                   {"num_classes": k} if name in class_id_arrays(entry) else None,  # K: the range of the ids
+                   1 if layout == "view-major" else v)
     per_sample("views", (n, v, p), "int32", 4, ("sample", "view", "param"))
     per_sample("labels", (n,), "int32", 4, ("sample",))
     num_shards = -(-n // shard)
@@ -381,21 +445,33 @@ def _build(path, manifest, n, v, k, p, dtype, chunk, shard):
     group.create_array(DIGESTS, shape=(-(-n // chunk), len(names)), dtype="uint32", chunks=(shard // chunk, len(names)),
                        fill_value=0, compressors=[Crc32cCodec()], dimension_names=("chunk", "array"),
                        attributes={"arrays": names})
+    if layout == "view-major":
+        names = logit_array_names(manifest)
+        group.create_array(VIEW_DIGESTS, shape=(-(-n // chunk), v, len(names)), dtype="uint32",
+                           chunks=(shard // chunk, v, len(names)), fill_value=0, compressors=[Crc32cCodec()],
+                           dimension_names=("chunk", "view", "array"), attributes={"arrays": names})
 
 
 # ---- checks of what a reader reads (cheap: on rows already in memory) ------------------------------
 
-def rows_crc32c(values: np.ndarray, start: int) -> int:
-    """crc32c of rows start.. of an array: their first and end row (two little-endian int64), then their values
-    (C order, little endian). The row range is in it, so rows moved elsewhere (a swapped shard file) differ."""
-    rows = np.array([start, start + len(values)], dtype="<i8")
+def rows_crc32c(values: np.ndarray, start: int, view: int | None = None) -> int:
+    """crc32c of rows start.. of an array: their first and end row (two little-endian int64; with `view`, the rows'
+    values of that view of a view-major array, and the view as a third int64), then their values (C order, little
+    endian). The row range (and view) is in it, so rows moved elsewhere (a swapped shard file) differ."""
+    header = [start, start + len(values)] + ([] if view is None else [view])
     data = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
-    return google_crc32c.extend(google_crc32c.value(rows.tobytes()), data.view(np.uint8).reshape(-1))
+    return google_crc32c.extend(google_crc32c.value(np.array(header, "<i8").tobytes()), data.view(np.uint8).reshape(-1))
 
 
-def chunk_crc32c(values: np.ndarray, start: int, chunk: int) -> np.ndarray:
+def chunk_crc32c(values: np.ndarray, start: int, chunk: int, view: int | None = None) -> np.ndarray:
     """(C,) uint32: `rows_crc32c` of each inner chunk of `chunk` rows of `values` (rows start.., start a chunk's first)."""
-    return np.array([rows_crc32c(values[i:i + chunk], start + i) for i in range(0, len(values), chunk)], np.uint32)
+    return np.array([rows_crc32c(values[i:i + chunk], start + i, view) for i in range(0, len(values), chunk)],
+                    np.uint32)
+
+
+def view_chunk_crc32c(values: np.ndarray, start: int, chunk: int) -> np.ndarray:
+    """(C, V) uint32: `chunk_crc32c` of each view of rows start.. (n, V, ...) of a view-major array (`view_crc32c`)."""
+    return np.stack([chunk_crc32c(values[:, v], start, chunk, v) for v in range(values.shape[1])], axis=1)
 
 
 def bad_values(name: str, values: np.ndarray, num_classes: int, samples: np.ndarray,
@@ -436,15 +512,22 @@ def chunks_of(rows: slice, chunk: int) -> slice:
     return slice(rows.start // chunk, -(-rows.stop // chunk))
 
 
-def bad_digest(name: str, values: np.ndarray, start: int, chunk: int, recorded: np.ndarray) -> str | None:
+def bad_digest(name: str, values: np.ndarray, start: int, chunk: int, recorded: np.ndarray,
+               view: int | None = None) -> str | None:
     """Which chunk of rows start.. of `name` is not the one written there: `chunk_crc32c` against `recorded`, the
-    digests of those chunks (`chunks_of`)."""
-    wrong = np.flatnonzero(chunk_crc32c(values, start, chunk) != recorded)
+    digests of those chunks (`chunks_of`). With `view`: `values` are that view's rows, `recorded` from `view_crc32c`;
+    a 2-D `recorded` (C, V) checks every view of whole rows against `view_crc32c`."""
+    if recorded.ndim == 2:
+        wrong = np.argwhere(view_chunk_crc32c(values, start, chunk) != recorded)
+    else:
+        wrong = np.flatnonzero(chunk_crc32c(values, start, chunk, view) != recorded)[:, None]
     if not len(wrong):
         return None
-    lo = start + int(wrong[0]) * chunk
-    return (f"{name} samples {lo}..{min(lo + chunk, start + len(values)) - 1} are not the rows written there (their "
-            f"crc32c differs from the one {DIGESTS} recorded): a shard file was moved, swapped or overwritten")
+    lo = start + int(wrong[0][0]) * chunk
+    view = int(wrong[0][1]) if recorded.ndim == 2 else view
+    what, table = ("", DIGESTS) if view is None else (f" view {view}", VIEW_DIGESTS)
+    return (f"{name} samples {lo}..{min(lo + chunk, start + len(values)) - 1}{what} are not the rows written there "
+            f"(their crc32c differs from the one {table} recorded): a shard file was moved, swapped or overwritten")
 
 
 def check_rows(path, name: str, values: np.ndarray, start: int, num_classes: int, chunk: int,
@@ -458,20 +541,23 @@ def check_rows(path, name: str, values: np.ndarray, start: int, num_classes: int
         raise StoreDamage(f"store {path}: {problem}: the store is damaged; run `kdcache verify {path}`")
 
 
-def whole_chunks(a: zarr.Array, rows: slice, layout: tuple) -> np.ndarray:
-    """a[rows] (rows: whole inner chunks along the samples), read straight from the shard files of a local store in
-    kdcache's layout (docs/FORMAT.md, "Codecs"): per shard one index read, per chunk one read, its crc32c and a blosc
-    decode into the result. zarr's own read costs 1-2 ms more per call than these steps take together (its event
-    loop, buffers and an extra copy); any other layout or store is read by zarr. Damaged bytes raise ValueError
-    (a checksum) or RuntimeError (blosc), which `reading` turns into StoreDamage as it does zarr's. `layout`:
-    `_direct_layout(a)`."""
+def whole_chunks(a: zarr.Array, rows: slice, layout: tuple, view: int | None = None) -> np.ndarray:
+    """a[rows] (rows: whole inner chunks along the samples), or a[rows, view] of a view-major array, read straight from
+    the shard files of a local store in kdcache's layout (docs/FORMAT.md, "Codecs"): per shard one index read, per
+    chunk one read, its crc32c and a blosc decode into the result (a view-major array's chunks of other views are
+    not read). zarr's own read costs 1-2 ms more per call than these steps take together (its event loop, buffers
+    and an extra copy); any other layout or store is read by zarr. Damaged bytes raise ValueError (a checksum) or
+    RuntimeError (blosc), which `reading` turns into StoreDamage as it does zarr's. `layout`: `_direct_layout(a)`."""
     shard_of, inner = layout
     if shard_of is None:
-        return a[rows]
+        return a[rows] if view is None else a[rows, view]
     start, stop = rows.indices(a.shape[0])[:2]
-    c, s = inner, a.shards[0]
-    out = np.empty((stop - start, *a.shape[1:]), a.dtype)
-    chunk_bytes = c * math.prod(a.shape[1:]) * a.dtype.itemsize
+    c, s = inner[0], a.shards[0]
+    per = a.shape[1] // inner[1] if a.ndim > 1 else 1  # inner chunks per chunk of rows: V in a view-major array
+    one_view = view is not None and per > 1  # only that view's chunks are read, into (n, ...)
+    parts = [view] if one_view else range(per)
+    out = np.empty((stop - start, *a.shape[2 if one_view else 1:]), a.dtype)
+    chunk_bytes = math.prod(inner) * a.dtype.itemsize
     for first in range(start - start % s, stop, s):  # shard by shard
         lo, hi = max(start, first), min(stop, first + s)
         try:
@@ -480,28 +566,28 @@ def whole_chunks(a: zarr.Array, rows: slice, layout: tuple) -> np.ndarray:
             out[lo - start:hi - start] = a.fill_value
             continue
         try:
-            table = _shard_index(fd, s // c)
+            table = _shard_index(fd, s // c * per)
             for k in range((lo - first) // c, -(-(hi - first) // c)):
-                offset, nbytes = table[k]
                 r0, r1 = first + k * c, min(first + (k + 1) * c, stop)
-                if offset == EMPTY:
-                    out[r0 - start:r1 - start] = a.fill_value
-                    continue
-                data = np.frombuffer(os.pread(fd, nbytes, offset), np.uint8)
-                if len(data) != nbytes or not crc_ok(data):
-                    raise ValueError(f"inner chunk {k} of a shard fails its crc32c checksum")
-                if len(data) < 20 or int.from_bytes(data[4:8].tobytes(), "little") != chunk_bytes:  # blosc header
-                    raise ValueError("a chunk decodes to another size than its chunk shape")
-                if r1 - r0 == c:  # a whole chunk: decoded in place
-                    numcodecs.blosc.decompress(data[:-4], out[r0 - start:r1 - start])
-                else:  # the array's last, partial chunk: stored padded to the whole chunk
-                    full = np.frombuffer(numcodecs.blosc.decompress(data[:-4]), a.dtype)
-                    out[r0 - start:r1 - start] = full.reshape(c, *a.shape[1:])[:r1 - r0]
+                for u in parts:
+                    dest = out[r0 - start:r1 - start] if per == 1 or one_view else out[r0 - start:r1 - start, u]
+                    offset, nbytes = table[k * per + u]
+                    if offset == EMPTY:
+                        dest[...] = a.fill_value
+                        continue
+                    data = np.frombuffer(os.pread(fd, nbytes, offset), np.uint8)
+                    if len(data) != nbytes or not crc_ok(data):
+                        raise ValueError(f"inner chunk {k * per + u} of a shard fails its crc32c checksum")
+                    if len(data) < 20 or int.from_bytes(data[4:8].tobytes(), "little") != chunk_bytes:  # blosc header
+                        raise ValueError("a chunk decodes to another size than its chunk shape")
+                    if r1 - r0 == c and dest.flags.c_contiguous:  # a whole chunk: decoded in place
+                        numcodecs.blosc.decompress(data[:-4], dest)
+                    else:  # the array's last, partial chunk (stored padded to the whole chunk), or one view of rows
+                        full = np.frombuffer(numcodecs.blosc.decompress(data[:-4]), a.dtype)
+                        dest[...] = full.reshape(c, *dest.shape[1:])[:r1 - r0]
         finally:
             os.close(fd)
-    return out
-
-
+    return out if view is None or one_view else out[:, view]
 def _shard_index(fd: int, n: int) -> list[list[int]]:
     """The (offset, nbytes) of the n inner chunks of a shard file (its index at the end, crc32c-checked)."""
     size = os.fstat(fd).st_size
@@ -515,22 +601,25 @@ def _shard_index(fd: int, n: int) -> list[list[int]]:
 
 
 def _direct_layout(a: zarr.Array):
-    """(shard file path of shard i, inner chunk rows) when `whole_chunks` reads `a` itself: a local store, sharded along
-    the samples only, inner codecs bytes (little endian on a little-endian machine) + blosc + crc32c, index bytes +
-    crc32c at the end (kdcache's layout). (None, None) otherwise."""
+    """(shard file path of shard i, inner chunk shape) when `whole_chunks` reads `a` itself: a local store, sharded
+    along the samples only, inner chunks of all of a sample's values or (view-major) of one view, inner codecs bytes
+    (little endian on a little-endian machine) + blosc + crc32c, index bytes + crc32c at the end (kdcache's layout).
+    (None, None) otherwise: zarr reads it."""
     codecs = a.metadata.to_dict()["codecs"] if a.metadata.zarr_format == 3 else ()
-    if (not isinstance(a.store, zarr.storage.LocalStore) or len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed"
-            or sys.byteorder != "little"):
+    if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
         return None, None
     cfg = codecs[0]["configuration"]
+    inner = tuple(cfg["chunk_shape"])
     names = lambda cs: [(c["name"], (c.get("configuration") or {}).get("endian", "little")) for c in cs]  # noqa: E731
-    if (names(cfg["codecs"]) != [("bytes", "little"), ("blosc", "little"), ("crc32c", "little")]
+    one_view = a.ndim > 1 and inner[1] == 1 and inner[2:] == a.shape[2:]
+    if (not isinstance(a.store, zarr.storage.LocalStore) or sys.byteorder != "little"
+            or names(cfg["codecs"]) != [("bytes", "little"), ("blosc", "little"), ("crc32c", "little")]
             or names(cfg["index_codecs"]) != [("bytes", "little"), ("crc32c", "little")]
-            or cfg.get("index_location", "end") != "end" or tuple(cfg["chunk_shape"][1:]) != a.shape[1:]
+            or cfg.get("index_location", "end") != "end" or not (inner[1:] == a.shape[1:] or one_view)
             or tuple(a.shards[1:]) != a.shape[1:]):
         return None, None
     root = Path(a.store.root)
-    return (lambda i: root / _object_key(a, i).lstrip("/")), cfg["chunk_shape"][0]
+    return (lambda i: root / _object_key(a, i).lstrip("/")), inner
 
 
 @contextlib.contextmanager

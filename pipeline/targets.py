@@ -61,6 +61,7 @@ class Targets:
     """No teacher (cross-entropy): views of the config's view space and no logits. The base of the three modes."""
     mode, views_of = "no teacher (ce)", "of the config"
     store = fingerprint = None
+    view_group = 1  # samples that share their epoch's view index (`epoch_views`): a chunk of a view-major store
 
     def __init__(self, source: "Source", space: ViewSpace):
         self.source, self.space = source, space
@@ -106,6 +107,7 @@ class CachedTargets(Targets):
     def __init__(self, source: "Source", store: CacheStore, overlay):
         super().__init__(source, ViewSpace.from_manifest(store.manifest["views"]))
         self.store, self.overlay, self.fingerprint = store, overlay, store.fingerprint()
+        self.view_group = store.view_group
 
     def teacher_logits(self, batch, x, device):
         return batch_targets(batch, self.store.entry).to(device)
@@ -236,7 +238,7 @@ class ZarrTargets(Source):
 
     def __init__(self, store: CacheStore, stats: dict, chunks_per_block: int):
         self.store, self.chunks_per_block = store, chunks_per_block
-        self.digests = store.recorded_digests()
+        self.digests, self.view_digests = store.recorded_digests(), store.recorded_view_digests()
         self.params = store.read_rows("views", slice(0, store.views.shape[0]), self.digests)
         self.stats = {k: a[...] for k, a in stats.items()}
         self.stat_names = tuple(stats)
@@ -252,19 +254,30 @@ class ZarrTargets(Source):
         """`decode_targets` of view views[i] of sample rows[i], for every i. The chunks the rows lie in are read whole
         and checked (`read_rows`), each run of consecutive chunks in one read, by READ_THREADS threads (file reads,
         decompression, the checks and the decoding release the GIL); each keeps and decodes only the rows' views: no
-        copy of the block's other V - 1 views."""
+        copy of the block's other V - 1 views. A view-major store is read by (chunk, view): only the views used."""
         c, n, k = self.store.samples_per_chunk, self.store.views.shape[0], self.store.num_classes
         names, chunk_of = self.store.logit_arrays, rows // c
+        if self.store.view_major:
+            pairs = np.unique(np.stack([chunk_of, views], axis=1), axis=0)
+            reads = [(pair[:1], int(pair[1])) for pair in pairs]
+        else:
+            reads = [(run, None) for run in chunk_runs(np.unique(chunk_of), c, self.store.samples_per_shard)]
 
-        def read_run(run):
+        def read(run_view):
+            run, view = run_view
             span = slice(run[0] * c, min((run[-1] + 1) * c, n))
-            mine = np.flatnonzero((chunk_of >= run[0]) & (chunk_of <= run[-1]))
-            at = rows[mine] - span.start, views[mine]
-            return mine, decode_targets({name: self.store.read_rows(name, span, self.digests)[at] for name in names}, k)
+            mine = np.flatnonzero((chunk_of >= run[0]) & (chunk_of <= run[-1]) & ((views == view) | (view is None)))
+            if view is None:
+                parts = {name: self.store.read_rows(name, span, self.digests)[rows[mine] - span.start, views[mine]]
+                         for name in names}
+            else:
+                parts = {name: self.store.read_view(name, span, view, self.view_digests)[rows[mine] - span.start]
+                         for name in names}
+            return mine, decode_targets(parts, k)
 
         out = {}
         with ThreadPoolExecutor(READ_THREADS) as pool:
-            for mine, values in pool.map(read_run, chunk_runs(np.unique(chunk_of), c, self.store.samples_per_shard)):
+            for mine, values in pool.map(read, reads):
                 for name, v in values.items():
                     out.setdefault(name, np.empty((len(rows), *v.shape[1:]), v.dtype))[mine] = v
         return out

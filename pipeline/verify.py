@@ -28,7 +28,8 @@ from zarr.core.sync import sync
 
 from kdcache.errors import StoreDamage, UserError
 from kdcache.encodings import array_specs, bad_encoded_rows, describe, spot_check
-from kdcache.store import DIGESTS, EMPTY, FORMAT, CacheStore, bad_digest, bad_values, chunks_of, crc_ok
+from kdcache.store import (DIGESTS, EMPTY, FORMAT, VIEW_DIGESTS, CacheStore, bad_digest, bad_values, chunks_of,
+                           crc_ok)
 
 
 class CorruptStore(StoreDamage):
@@ -52,7 +53,8 @@ def store_info(path) -> dict:
              for name, a in arrays if name.startswith("stats/")}
     N, V = store.views.shape[:2]
     return {
-        "store": str(store.path), "format": f"{FORMAT} v{store.group.attrs['format_version']}",
+        "store": str(store.path), "format": f"{FORMAT} v{store.group.attrs['format_version']}.{store.minor_version}",
+        "layout": store.layout, "samples_per_chunk": store.samples_per_chunk,
         "status": store.status, "shards_done": int(store.done().sum()), "shards": store.num_shards,
         "teacher": {"arch": t["arch"], "checkpoint_sha256": t["checkpoint_sha256"],
                     "test_accuracy": t.get("test_accuracy")},
@@ -75,7 +77,7 @@ def format_info(info: dict) -> str:
     acc = "unknown" if t["test_accuracy"] is None else f"{t['test_accuracy']:.4f}"
     total = "sampled" if v["total_views"] is None else f"of {v['total_views']}"
     arrays = ", ".join(f"{n} {tuple(a['shape'])} {a['dtype']}" for n, a in info["arrays"].items()
-                       if n not in ("views", "labels", "shard_done", DIGESTS))
+                       if n not in ("views", "labels", "shard_done", DIGESTS, VIEW_DIGESTS))
     arrays = f"{describe(info['logits'])}: {arrays}"
     states = info["statistics"]
     stats = (f"{len(states)} arrays, {sum(s == 'fresh' for s in states.values())} fresh: "
@@ -89,6 +91,8 @@ def format_info(info: dict) -> str:
         ("data set", f"{d['name']} {d['split']}, N = {d['num_samples']}, {d['num_classes']} classes"),
         ("views", f"{v['kind']}, {v['num_views']} {total} per sample, seed {v['seed']}"),
         ("rows", f"{d['num_samples']} x {v['num_views']} = {info['rows']} (sample, view) rows; {arrays}"),
+        ("layout", f"{info['layout']}: a chunk holds {info['samples_per_chunk']} samples x "
+                   f"{'1 view' if info['layout'] == 'view-major' else 'all views'}"),
         ("size", f"{_size(info['bytes_stored'])} stored (stats/ {_size(info['bytes_stats'])}), "
                  f"{_size(info['bytes_raw'])} raw: compression {'n/a' if ratio is None else f'{ratio:.2f}x'}"),
         ("statistics", stats),
@@ -143,7 +147,7 @@ def verify_store(path, *, spot_check: int = 0, checkpoint=None, seed: int = 0, p
     image_size = store.manifest["dataset"].get("image_size")
     per_sample = [(n, a) for n, a in arrays if "/" not in n and _dims(a)[:1] == ("sample",)]
     others = [(n, a) for n, a in arrays if n not in dict(per_sample) and n != "shard_done"]
-    digests = store.recorded_digests()
+    digests, view_digests = store.recorded_digests(), store.recorded_view_digests() or {}
     objects = crc = 0
     for s in tqdm(range(store.num_shards), desc="verify shards", unit="shard",
                   disable=None if progress else True):  # None: only on a terminal
@@ -159,6 +163,9 @@ def verify_store(path, *, spot_check: int = 0, checkpoint=None, seed: int = 0, p
             _raise_if(bad_encoded_rows(name, values, store.entry, rows.start), where)
             if digests is not None and name in digests:
                 recorded = digests[name][chunks_of(rows, store.samples_per_chunk)]
+                _raise_if(bad_digest(name, values, rows.start, store.samples_per_chunk, recorded), where)
+            if name in view_digests:  # a view-major store: each view of each chunk, as a reader of one view checks it
+                recorded = view_digests[name][chunks_of(rows, store.samples_per_chunk)]
                 _raise_if(bad_digest(name, values, rows.start, store.samples_per_chunk, recorded), where)
     for name, a in others:  # stats/: objects equal to the fill value may be absent
         for coords in _object_grid(a):
@@ -183,7 +190,8 @@ def verify_store(path, *, spot_check: int = 0, checkpoint=None, seed: int = 0, p
 def _unchecked(store: CacheStore, digests) -> str:
     """What this store's format version lets verify check about where rows are and what the manifest was."""
     if digests is not None:
-        return f"every chunk of rows is the one written there ({DIGESTS})"
+        views = f" and every view of it ({VIEW_DIGESTS})" if store.view_major else ""
+        return f"every chunk of rows is the one written there ({DIGESTS}){views}"
     missing = f"no {DIGESTS}" + ("" if "manifest_sha256" in store.group.attrs else " nor manifest_sha256")
     return (f"but this store predates format 1.1 ({missing}): shard files moved to other rows cannot be "
             "detected (rebuild the store to record them)")

@@ -70,7 +70,7 @@ def cache_teacher(cfg: dict, *, num_shards: int = 1, shard_index: int = 0, overw
     store = CacheStore.open_or_create(
         ccfg["store"], manifest, overwrite=overwrite, num_samples=len(data), num_views=space.num_views,
         num_classes=data.num_classes, num_params=space.num_params, dtype=ccfg["dtype"],
-        samples_per_chunk=ccfg["samples_per_chunk"], chunks_per_shard=ccfg["chunks_per_shard"])
+        samples_per_chunk=ccfg["samples_per_chunk"], chunks_per_shard=ccfg["chunks_per_shard"], layout=ccfg["layout"])
 
     done = store.done()
     todo = [s for s in range(store.num_shards) if s % num_shards == shard_index and not done[s]]

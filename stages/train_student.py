@@ -87,7 +87,8 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
     K = t["views_used"] or V
     if K > V:
         raise UserError(f"train.views_used {K} is more than the {V} views per sample {source.views_of}")
-    subset = view_subset(N, V, K, space.seed) if K < V else None
+    view_group = source.view_group  # 1, or a view-major store's chunk: an epoch then reads one view of each chunk
+    subset = view_subset(N, V, K, space.seed, view_group) if K < V else None
     steps = math.ceil(N / bs)
     eval_space = evaluation_space(space)
     w_ce, w_kd = params["w_ce"], params.get("w_kd", 0.0)
@@ -98,7 +99,7 @@ def train_student(cfg: dict, *, progress: bool = True, on_step=None) -> dict:
         if fresh:
             views = np.full(N, -1)  # no cached view: LiveViews draws a new one per sample and epoch
         else:
-            views = epoch_views(N, K, seed, epoch)
+            views = epoch_views(N, K, seed, epoch, view_group)
             if subset is not None:
                 views = subset[np.arange(N), views]
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, ce, kd, correct (summed over samples)
