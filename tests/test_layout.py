@@ -175,6 +175,16 @@ def test_training_on_a_view_major_store_takes_one_view_per_chunk_and_epoch(view_
         assert len(seen) == 128 // c and all(len(v) == 1 for v in seen.values())
 
 
+def test_views_used_on_a_view_major_store_is_a_subset_per_chunk(view_major_cfg, tmp_path):
+    _, steps = train(view_major_cfg, tmp_path / "run", method="kd", epochs=4, views_used=2, memory_gb=0)
+    c, seen = view_major_cfg["cache"]["samples_per_chunk"], {}
+    for s in steps:
+        for i, v in zip(s["ids"].tolist(), s["views"].tolist()):
+            seen.setdefault(i // c, set()).add(v)
+    allowed = view_subset(128, 18, 2, 0, c)
+    assert all(seen[j] == set(allowed[j * c].tolist()) for j in range(128 // c))
+
+
 def test_cache_dataset_reads_one_view_per_chunk_as_it_would_from_memory(view_major_cfg):
     path = view_major_cfg["cache"]["store"]
     loaded, chunked = CacheDataset(path, seed=1), CacheDataset(path, seed=1, memory_gb=0, cache_chunks=2)
@@ -201,13 +211,27 @@ def test_info_names_the_layout_and_a_store_of_another_layout_is_not_resumed(view
         cache_teacher(cfg, progress=False)
 
 
-def test_verify_checks_every_view_digest(view_major_cfg, tmp_path):
-    """A view digest that does not match is found by verify, not first by a training run reading that view."""
+@pytest.mark.parametrize("damage, message", [
+    ("digest", r"logits samples 48\.\.63 view 5 .*view_crc32c"),  # found by verify, not first by a training run
+    ("rows", r"logits samples 0\.\.15 are not the rows written there"),
+    ("byte", r"crc32c")])
+def test_verify_finds_damage_to_one_view(view_major_cfg, tmp_path, damage, message):
     path = tmp_path / "copy.zarr"
     shutil.copytree(view_major_cfg["cache"]["store"], path)
-    digests = zarr.open_array(str(path / "view_crc32c"), mode="r+")
-    digests[3, 5, 0] ^= 1
-    with pytest.raises(CorruptStore, match=r"logits samples 48\.\.63 view 5 .*view_crc32c"):
+    if damage == "digest":
+        digests = zarr.open_array(str(path / "view_crc32c"), mode="r+")
+        digests[3, 5, 0] ^= 1
+    elif damage == "rows":
+        raw = zarr.open_array(str(path / "logits"), mode="r+")
+        raw[0:16, 1] = raw[0:16, 0]
+    else:
+        shard = path / "logits" / "c" / "0" / "0" / "0"
+        with open(shard, "rb") as f:
+            offset, nbytes = _shard_index(f.fileno(), 2 * 18)[2]  # chunk 0 of rows, view 2
+        data = bytearray(shard.read_bytes())
+        data[offset + nbytes // 2] ^= 0x5A
+        shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptStore, match=message):
         verify_store(path, progress=False)
 
 
