@@ -48,13 +48,17 @@ Exact statistics of lossy stores. A store that does not keep the teacher's logit
 quantized, sampled: `kdcache.encodings.is_lossless`) cannot give back their std, min or power sums, so
 stage 1, which has the float32 logits in hand, writes the per-row arrays of `exact_outputs` itself
 (`exact: true` in their attributes) and seals them with the fingerprint once the store is complete
-(`seal_exact`). Stage 2 then derives the LS and max-logit temperatures from them (`derivation`), and
-computes from the decoded logits, marked `exact: false`, only what they cannot give; `read_stat` takes
-an exact array of the store before an overlay's.
+(`seal_exact`); std only in the unbiased convention and no max |Z|: the population std and max |Z| follow
+from them (`derivation`) and are derived on read (`Derived`, `exact_array`). Stage 2 then derives the LS and
+max-logit temperatures from them (`derivation` again), and computes from the decoded logits, marked
+`exact: false`, only what they cannot give; `read_stat` takes an exact array of the store before an overlay's.
 """
 import logging
+import math
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -62,7 +66,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 import kdcache
-from kdcache.encodings import dense_logits_available, describe
+from kdcache.encodings import dense_logits_available, describe, is_lossless
 from kdcache.errors import StoreDamage, UserError, is_int, is_number
 from kdcache.losses import MLT_CONSTANT
 from kdcache.sharing import open_overlay
@@ -209,33 +213,59 @@ def plan_outputs(settings: dict) -> list[Output]:
     return outs
 
 
-def derivation(o: Output) -> tuple[Output, float] | None:
-    """(per-row output, factor) of which output `o` is that multiple: ls_temperature = t_base * std and
-    mlt_temperature = (1 + sqrt 3)/2 * max_abs_zscore; None for the others. The kernel computes them so, and
-    stage 2 derives them so from stage 1's exact arrays of a lossy store."""
-    if o.statistic == "ls_temperature":
-        return output("std", std=o.params["std"]), o.params["t_base"]
-    if o.statistic == "mlt_temperature":
-        return output("max_abs_zscore", std=o.params["std"]), MLT_CONSTANT
+class Derivation(NamedTuple):
+    """An output = f(*values of the per-row outputs `sources`, in order); `formula` says how ({0}, {1}, ...: them)."""
+    sources: list
+    f: Callable
+    formula: str
+
+
+def derivation(o: Output, num_classes: int) -> Derivation | None:
+    """How per-row output `o` follows from others, for K = num_classes; None when it does not.
+
+    The temperatures are multiples, float32(factor) x the value, as the kernel computes them: ls_temperature =
+    t_base * std and mlt_temperature = (1 + sqrt 3)/2 * max_abs_zscore; stage 2 derives them so from a lossy store's
+    exact arrays, bit for bit the dense store's. Stage 1 writes std unbiased only (EXACT_STD) and no max |Z|: the
+    population std is sqrt((K-1)/K) x the unbiased one (in float64: within an ulp or two of float32 of the direct
+    value), and max |Z| is the kernel's own formula on mean, max, min and that std. Not sqrt(K/(K-1)) x the unbiased
+    max |Z|: the 1e-7 of (std + 1e-7) makes that (std + 1e-7) / (std + sqrt((K-1)/K) * 1e-7) times too large (std:
+    the population one), up to 41 % at K = 2 on near-constant rows, and more than float32 rounding there for any
+    std below 0.5 (tests/test_exact_stats.py)."""
+    p = o.params
+    if o.statistic in ("ls_temperature", "mlt_temperature"):
+        factor, source = ((p["t_base"], "std") if o.statistic == "ls_temperature"
+                          else (MLT_CONSTANT, "max_abs_zscore"))
+        return Derivation([output(source, std=p["std"])], lambda v: factor * v, f"{factor!r} x {{0}}")
+    if o.statistic == "std" and p["std"] == "population":
+        K = num_classes
+        c = math.sqrt((K - 1) / K)
+        return Derivation([output("std", std="unbiased")], lambda s: (s.astype(np.float64) * c).astype(np.float32),
+                          f"sqrt({K - 1}/{K}) x {{0}}")
+    if o.statistic == "max_abs_zscore":
+        return Derivation([output("mean"), output("max"), output("min"), output("std", std=p["std"])],
+                          lambda *v: max_abs_zscore(*map(torch.from_numpy, v)).numpy(),
+                          f"max({{1}} - {{0}}, {{0}} - {{2}}) / ({{3}} + {STD_EPS!r})")
     return None
 
 
 # What stage 1 writes exactly for a lossy store: the per-row statistics the temperatures and losses are made of,
 # and the entropy (4 bytes per row each, next to a top-k store's 4k + 2k + 4: not the margin, which top-k keeps).
 EXACT_STATISTICS = ("mean", "std", "max", "min", "logsumexp", "entropy", "max_abs_zscore", "wttm_power_sum")
+EXACT_STD = "unbiased"  # stage 1's std convention: the population values follow from these (`derivation`)
 
 
 def exact_outputs(settings: dict) -> list[Output]:
     """The arrays stage 1 writes from the float32 logits of a lossy store, for checked `settings` (the config's
-    stats section): EXACT_STATISTICS in both std conventions (one more reduction each), power sums at its gammas."""
+    stats section): EXACT_STATISTICS, std in the EXACT_STD convention, power sums at its gammas; not max |Z|, which
+    `derivation` gives from mean, max, min and std bit for bit as the kernel computes it."""
     outs = []
     for stat in EXACT_STATISTICS:
+        if stat == "max_abs_zscore":
+            continue
         if stat == "wttm_power_sum":
             outs += [output(stat, gamma=g) for g in settings["gammas"]]
-        elif "std" in STATISTICS[stat][1]:
-            outs += [output(stat, std=c) for c in STD_CONVENTIONS]
         else:
-            outs.append(output(stat))
+            outs.append(output(stat, std=EXACT_STD))
     return outs
 
 
@@ -276,11 +306,9 @@ def row_statistics(z: torch.Tensor, labels: torch.Tensor, outputs: list[Output],
             return (torch.linalg.vecdot(d, d) / (z.shape[-1] - (convention == "unbiased"))).sqrt()
         return _once(cache, ("std", convention), compute)
 
-    def max_abs_z(convention):  # max_k |Z(z)_k|, reached at the largest or the smallest logit
-        def compute():
-            mean, top, bottom = (_common(z, cache, k) for k in ("mean", "max", "min"))
-            return torch.maximum(top - mean, mean - bottom) / (std(convention) + STD_EPS)
-        return _once(cache, ("max_abs_z", convention), compute)
+    def max_abs_z(convention):
+        return _once(cache, ("max_abs_z", convention), lambda: max_abs_zscore(
+            *(_common(z, cache, k) for k in ("mean", "max", "min")), std(convention)))
 
     values = []
     for o in outputs:
@@ -302,14 +330,20 @@ def row_statistics(z: torch.Tensor, labels: torch.Tensor, outputs: list[Output],
             v = max_abs_z(p["std"])
         elif s in ("ls_temperature", "mlt_temperature"):  # t_base * std, (1 + sqrt 3)/2 * max |Z|: `derivation`
             # mlt = kdcache.losses.max_logit_temperature(z) (teacher variant)
-            source, factor = derivation(o)
-            v = factor * (std(p["std"]) if source.statistic == "std" else max_abs_z(p["std"]))
+            d = derivation(o, z.shape[-1])
+            v = d.f(std(p["std"]) if d.sources[0].statistic == "std" else max_abs_z(p["std"]))
         elif s == "wttm_power_sum":  # = kdcache.losses.teacher_power_sum(z, gamma); each term <= 1
             v = (p["gamma"] * _common(z, cache, "log_softmax")).exp().sum(dim=-1)
         else:
             raise ValueError(f"{s} is not a per-row statistic")
         values.append(v)
     return values
+
+
+def max_abs_zscore(mean: torch.Tensor, top: torch.Tensor, bottom: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """max_k |Z(z)_k| of rows from their mean, max, min and std: it is reached at the largest or the smallest logit,
+    so no standardized (R, K) copy is made. The kernel and `derivation` (population max |Z| of a lossy store)."""
+    return torch.maximum(top - mean, mean - bottom) / (std + STD_EPS)
 
 
 def add_class_sums(z: torch.Tensor, labels: torch.Tensor, bins: torch.Tensor, probs: torch.Tensor | None,
@@ -451,15 +485,60 @@ def seal_exact(store: CacheStore) -> list[str]:
     return sealed
 
 
+@dataclass
+class Derived:
+    """Exact values of output `output` for which a lossy store holds no array, computed on read from its exact
+    arrays by `derivation` (e.g. std_population, stage 1 writing std_unbiased only). Read like the array it stands
+    for: [rows] (a slice of samples, or ...), shape, dtype, attrs, path, basename, store."""
+    output: Output
+    derivation: Derivation
+    sources: list  # one per derivation.sources: the store's exact zarr arrays, or Derived
+    where: str  # the store's path, for messages
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        rows = slice(None) if rows is Ellipsis else rows
+        return self.derivation.f(*(read_rows(a, self.where, rows) for a in self.sources))
+
+    @property
+    def formula(self) -> str:
+        return self.derivation.formula.format(*(a.path if isinstance(a, zarr.Array) else f"({a.formula})"
+                                                for a in self.sources))
+
+    @property
+    def attrs(self) -> dict:
+        o = self.output
+        return {"statistic": o.statistic, "description": STATISTICS[o.statistic][0], "params": o.params,
+                "exact": True, "source": f"derived on read, {self.formula}"}
+
+    shape = property(lambda self: self.sources[0].shape)
+    dtype = property(lambda self: np.dtype(stat_dtype(self.output)))
+    path = property(lambda self: f"stats/{self.output.name}")
+    basename = property(lambda self: self.output.name)
+    store = property(lambda self: self.sources[0].store)
+
+
 def exact_array(store: CacheStore, o: Output):
-    """The store's own fresh array of output `o` when its values are exact (`exact: true`: stage 1's, or derived
-    from them), else None."""
+    """Output `o`'s exact values in a lossy store: its own fresh array when exact (`exact: true`: stage 1's, or one
+    stage 2 derived from them), else a `Derived` of such arrays (`derivation`, in a chain: ls_temperature population
+    <- std population <- std unbiased), else None (and always None for a lossless store)."""
+    if is_lossless(store.entry):
+        return None
     with reading_metadata(store.path, "stats"):
         group = store.group["stats"] if "stats" in store.group else None
-    if group is None or stat_state(group, o, store.fingerprint(), store.path) != "fresh":
+    if group is None:
         return None
-    a = group[o.name]
-    return a if a.attrs.get("exact") is True else None
+    if stat_state(group, o, store.fingerprint(), store.path) == "fresh" and group[o.name].attrs.get("exact") is True:
+        return group[o.name]
+    d = derivation(o, store.num_classes)
+    sources = [] if d is None else [exact_array(store, s) for s in d.sources]
+    return None if d is None or any(a is None for a in sources) else Derived(o, d, sources, store.path)
+
+
+def given_exact(store: CacheStore, o: Output):
+    """What a reader takes as output `o` of a lossy store without stage 2: its own exact array, or stage 1's statistic
+    in the other std convention, derived on read (a `Derived`); None for the rest (stage 2 derives temperatures)."""
+    a = exact_array(store, o)
+    return a if isinstance(a, zarr.Array) or a is not None and o.statistic in EXACT_STATISTICS else None
 
 
 def uncomputable(store: CacheStore, o: Output) -> str | None:
@@ -467,14 +546,11 @@ def uncomputable(store: CacheStore, o: Output) -> str | None:
     targets) gives only stage 1's exact arrays and what `derivation` makes of them."""
     if dense_logits_available(store.entry) or exact_array(store, o) is not None:
         return None
-    d = derivation(o)
-    if d is not None and exact_array(store, d[0]) is not None:
-        return None
     rebuild = "rebuild the store (kdcache cache-teacher --overwrite)"
     if o.statistic == "wttm_power_sum":
         what = (f"stage 1 writes the power sums at stats.gammas: {rebuild} with {number_name(o.params['gamma'])} "
                 "among them")
-    elif o.statistic in EXACT_STATISTICS or d is not None:
+    elif o.statistic in EXACT_STATISTICS or derivation(o, store.num_classes) is not None:
         what = f"{rebuild}: stage 1 writes it"  # a store written before stage 1 wrote them
     else:
         what = f"only stage 1's {', '.join(EXACT_STATISTICS)} and the temperatures derived from them are available"
@@ -494,8 +570,8 @@ def read_stat(store: CacheStore, statistic: str, *, overlay=None, **params):
     """
     o = output(statistic, **params)
     root = store.group if overlay is None else open_overlay(overlay, store.fingerprint(), store.path)
-    exact = None if overlay is None else exact_array(store, o)
-    if exact is not None:  # a lossy store's exact array beats an overlay's
+    exact = given_exact(store, o)
+    if exact is not None:  # a lossy store's exact array (or a population std / max |Z| derived on read) wins
         return exact
     with reading_metadata(overlay or store.path, "stats"):
         group = root["stats"] if "stats" in root else None
@@ -511,11 +587,20 @@ def read_stat(store: CacheStore, statistic: str, *, overlay=None, **params):
 
 
 def load_stat(a, path) -> np.ndarray:
-    """A per-row statistics array of the store (or overlay) at `path` read whole, as stage 3 does, and checked as
-    read: StoreDamage for undecodable bytes or a NaN/Inf (statistics of finite logits are finite)."""
-    with reading(path, a, slice(0, a.shape[0])):
-        values = a[...]
-    problem = bad_values(a.path, values, 0, np.arange(len(values)))
+    """A per-row statistics array (or `Derived`) of the store (or overlay) at `path` read whole, as stage 3 does,
+    checked as read (`read_rows`)."""
+    return read_rows(a, path, slice(0, a.shape[0]))
+
+
+def read_rows(a, path, rows: slice) -> np.ndarray:
+    """Rows of a per-row statistics array (or `Derived`) of the store (or overlay) at `path`, checked as read:
+    StoreDamage for undecodable bytes or a NaN/Inf (statistics of finite logits are finite)."""
+    if isinstance(a, Derived):
+        return a[rows]
+    rows = slice(*rows.indices(a.shape[0]))
+    with reading(path, a, rows):
+        values = a[rows]
+    problem = bad_values(a.path, values, 0, np.arange(rows.start, rows.stop, rows.step))
     if problem is not None:
         raise StoreDamage(f"store {path}: {problem}: the statistics are damaged; run `kdcache verify {path}`, then "
                           "recompute them (delete the array, then kdcache stats)")

@@ -16,8 +16,10 @@ same settings does nothing; new settings add arrays; arrays from other logits (s
 by `compute_stats` and refused by `read_stat` (kdcache.stats).
 
 Lossy stores (top-k, quantized, sampled: `kdcache.encodings.is_lossless`) come with exact per-row arrays that
-stage 1 wrote from the teacher's float32 logits (kdcache.stats, "Exact statistics"): those are up to date here,
-the LS and max-logit temperatures are derived from them (`kdcache.stats.derivation`, `exact: true`), and only
+stage 1 wrote from the teacher's float32 logits (kdcache.stats, "Exact statistics"): those are up to date here, and
+so are the population std and max |Z| (either convention), which readers derive from stage 1's arrays
+(`kdcache.stats.Derived`: not written, 12 bytes per row saved); the LS and max-logit temperatures are derived from them
+(`kdcache.stats.derivation`, through the population std when asked for, `exact: true`), and only
 the rest is computed from the decoded logits (`exact: false`, with a warning for a value a method reads). A
 store without dense logits (sampled targets) gives only those: the rest is skipped with a warning.
 
@@ -41,13 +43,14 @@ import torch
 
 from kdcache.cluster import dask_client
 from kdcache.config import check_processes
-from kdcache.errors import StoreDamage, UserError
+from kdcache.errors import UserError
 from kdcache.files import disk_full
-from kdcache.stats import (Output, block_statistics, check_settings, class_statistics, computed_record, create_array,
-                            derivation, exact_array, plan_outputs, read_stat, stat_state, uncomputable)
+from kdcache.stats import (Derived, Output, block_statistics, check_settings, class_statistics, computed_record,
+                            create_array, exact_array, given_exact, plan_outputs, read_rows, read_stat, stat_state,
+                            uncomputable)
 from kdcache.sharing import ReadOnlyStore, open_overlay, writer_lock
 from kdcache.encodings import decode_logits, describe, is_lossless
-from kdcache.store import CacheStore, bad_values, check_rows, chunks_of, reading
+from kdcache.store import CacheStore, check_rows, chunks_of, reading
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +96,13 @@ def _compute(store: CacheStore, root, out, settings, run) -> dict:
     plan = plan_outputs(settings)
     state = {o.name: stat_state(group, o, fingerprint, store.path if out is None else out) for o in plan}
     lossy = not is_lossless(store.entry)
-    fresh = [o for o in plan if state[o.name] == "fresh" or out is not None and exact_array(store, o) is not None]
-    todo, derived, skipped = [], [], []  # from the logits; (output, exact array, factor); not computable here
+    # up to date: fresh, or an exact array of the store (not copied into an overlay), or derived on read from them
+    fresh = [o for o in plan if state[o.name] == "fresh" or lossy and given_exact(store, o) is not None]
+    todo, derived, skipped = [], [], []  # from the logits; (output, its Derived of exact arrays); not computable here
     for o in (o for o in plan if o not in fresh):
-        d = derivation(o) if lossy else None
-        source = None if d is None else exact_array(store, d[0])
-        if source is not None:
-            derived.append((o, source, d[1]))
+        exact = exact_array(store, o) if lossy else None
+        if exact is not None:
+            derived.append((o, exact))
         elif uncomputable(store, o):
             skipped.append(o)
         else:
@@ -124,9 +127,9 @@ def _compute(store: CacheStore, root, out, settings, run) -> dict:
     attributes = {} if not lossy else {"exact": False, "source": "stage 2, from the decoded logits"}
     for o in todo:
         create_array(group, o, store, block_samples(store), attributes)
-    for o, source, factor in derived:
+    for o, exact in derived:
         create_array(group, o, store, block_samples(store),
-                     {"exact": True, "source": f"stage 2, {factor!r} x {source.path} (exact)"})
+                     {"exact": True, "source": f"stage 2, {exact.formula} (exact)"})
     run((_graph(store, group, todo, settings["ece_bins"]) if todo else []) + _derive(store, group, derived))
     record = computed_record(store)
     for o in todo + [d[0] for d in derived]:  # last: an array without a fingerprint is an interrupted run
@@ -246,28 +249,18 @@ def _graph(store: CacheStore, group, todo: list[Output], ece_bins: int) -> list:
     return [stored] if isinstance(stored, da.Array) else list(stored)
 
 
-def _derive(store: CacheStore, group, derived: list) -> list:
-    """Dask collections that store float32(factor) x an exact array (as the kernel computes it) into each derived
-    output's (created) array, a logits shard per task, each reading its rows checked (`_multiple`)."""
+def _derive(store: CacheStore, group, derived: list[tuple[Output, Derived]]) -> list:
+    """Dask collections that store each derived output's values (its `Derived` of the exact arrays: float32(factor) x
+    an exact array for a temperature, as the kernel computes it) into its (created) array, a logits shard per task,
+    each reading its rows checked (`kdcache.stats.read_rows`)."""
     if not derived:
         return []
-    task, V = dask.delayed(_multiple, pure=True), store.logits_shape[1]
+    task, V = dask.delayed(read_rows, pure=True), store.logits_shape[1]
     shards = [store.shard_rows(s) for s in range(store.num_shards)]
-    sources = [da.concatenate([da.from_delayed(task(store.path, a, rows, f), shape=(rows.stop - rows.start, V),
-                                               dtype=np.float32) for rows in shards]) for _, a, f in derived]
-    stored = da.store(sources, [group[o.name] for o, _, _ in derived], lock=False, compute=False)
+    sources = [da.concatenate([da.from_delayed(task(exact, store.path, rows), shape=(rows.stop - rows.start, V),
+                                               dtype=np.float32) for rows in shards]) for _, exact in derived]
+    stored = da.store(sources, [group[o.name] for o, _ in derived], lock=False, compute=False)
     return [stored] if isinstance(stored, da.Array) else list(stored)
-
-
-def _multiple(path, a, rows: slice, factor: float) -> np.ndarray:
-    """float32(factor) x `rows` of the statistics array `a`, read checked (StoreDamage for undecodable bytes or a
-    NaN/Inf: statistics of finite logits are finite)."""
-    with reading(path, a, rows):
-        values = a[rows]
-    problem = bad_values(a.path, values, 0, np.arange(rows.start, rows.stop))
-    if problem is not None:
-        raise StoreDamage(f"store {path}: {problem}: the statistics are damaged; run `kdcache verify {path}`")
-    return np.float32(factor) * values
 
 
 def _block(path, arrays: dict, rows: slice, chunk: int, digests: dict | None, num_classes: int, outputs, ece_bins):

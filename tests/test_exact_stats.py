@@ -13,8 +13,8 @@ from kdcache.dataset import cached_stats
 from kdcache.encodings import decode_logits
 from kdcache.errors import StoreDamage, UserError
 from kdcache.methods import build
-from kdcache.stats import (STAGE1, block_statistics, check_settings, exact_outputs, output, plan_outputs,
-                           read_stat)
+from kdcache.stats import (STAGE1, Derived, block_statistics, check_settings, create_array, derivation, exact_outputs,
+                           output, plan_outputs, read_stat, seal_exact)
 from kdcache.stages.cache_teacher import cache_teacher
 from kdcache.stages.compute_stats import compute_stats, plot_stats
 from kdcache.stages.train_student import train_student
@@ -30,7 +30,9 @@ ENCODINGS = {"dense": "dense", "top2": {"topk": 2}, "q8": {"quantized": 8},
 COMPARED = [("ls_temperature", {"t_base": 2.0, "std": "unbiased"}), ("mlt_temperature", {"std": "unbiased"}),
             ("wttm_power_sum", {"gamma": 0.1}), ("wttm_power_sum", {"gamma": 0.3}), ("std", {"std": "unbiased"}),
             ("std", {"std": "population"}), ("max_abs_zscore", {"std": "population"}), ("mean", {}), ("max", {}),
-            ("min", {}), ("logsumexp", {}), ("entropy", {})]
+            ("min", {}), ("logsumexp", {}), ("entropy", {}), ("max_abs_zscore", {"std": "unbiased"}),
+            ("ls_temperature", {"t_base": 2.0, "std": "population"}), ("mlt_temperature", {"std": "population"})]
+POPULATION = ["std_population", "max_abs_zscore_population"]  # derived from the unbiased ones, not written
 
 
 def config(teacher_ckpt, path, encoding, **stats):
@@ -98,7 +100,23 @@ def test_what_each_stage_writes_and_records(stores):
         assert a.attrs["exact"] is True and a.attrs["source"] == STAGE1, o.name
         assert a.attrs["logits_fingerprint"] == top.fingerprint() and a.chunks == (top.samples_per_shard, 18)
     assert s["ls_temperature_t2_unbiased"].attrs["source"] == "stage 2, 2.0 x stats/std_unbiased (exact)"
-    assert "max_abs_zscore_unbiased" in s["mlt_temperature_unbiased"].attrs["source"]
+    assert s["mlt_temperature_unbiased"].attrs["source"] == (
+        "stage 2, 1.3660254037844386 x (max(stats/max - stats/mean, stats/mean - stats/min) / "
+        "(stats/std_unbiased + 1e-07)) (exact)")
+    # stage 1 writes std and max |Z| unbiased only; stage 2 (run with std: population too) derives the population
+    # temperatures through the population std and max |Z|, which stay unwritten: readers derive them
+    assert [o.name for o in exact_outputs(check_settings(stores["top2"]["stats"]))] == [
+        "mean", "std_unbiased", "max", "min", "logsumexp", "entropy", "wttm_power_sum_gamma0.1",
+        "wttm_power_sum_gamma0.3"]
+    assert not set(POPULATION) & set(s.array_keys())
+    assert s["ls_temperature_t2_population"].attrs["source"] == \
+        "stage 2, 2.0 x (sqrt(3/4) x stats/std_unbiased) (exact)"
+    assert s["mlt_temperature_population"].attrs["source"] == (
+        "stage 2, 1.3660254037844386 x (max(stats/max - stats/mean, stats/mean - stats/min) / "
+        "((sqrt(3/4) x stats/std_unbiased) + 1e-07)) (exact)")
+    a = read_stat(top, "std", std="population")
+    assert isinstance(a, Derived) and a.attrs["source"] == "derived on read, sqrt(3/4) x stats/std_unbiased"
+    assert a.shape == (128, 18) and a.path == "stats/std_population"
     for name in ("margin", "top1_correct", "class_accuracy", "class_mean_softmax"):  # from the decoded logits
         assert s[name].attrs["exact"] is False and "logits_fingerprint" in s[name].attrs, name
     # stage 1 alone: the exact arrays, no stats/ in a lossless store
@@ -108,6 +126,34 @@ def test_what_each_stage_writes_and_records(stores):
         group = cache_teacher(cfg, progress=False).group
         assert sorted(group["stats"].array_keys() if "stats" in group else []) == (
             [] if name == "dense" else sorted(o.name for o in exact_outputs(check_settings(cfg["stats"]))))
+
+
+@pytest.mark.parametrize("K", [2, 10, 1000])
+def test_population_values_derived_from_unbiased_ones_are_the_kernels(K):
+    """std_population = sqrt((K-1)/K) x std_unbiased and max |Z| by the kernel's formula on mean, max, min and that std
+    give the kernel's direct population values within float32 rounding, near-constant rows included; the plain
+    factor sqrt(K/(K-1)) x the unbiased max |Z| does not there, because of the 1e-7 in Z = (z - mean) / (std + 1e-7)."""
+    rng = np.random.default_rng(K)
+    z = np.concatenate([rng.normal(0, 3, (200, K)), rng.normal(0, 0.05, (50, K)),  # ordinary and small std
+                        0.01 + rng.normal(0, 1e-7, (50, K)), np.full((5, K), 0.1)]).astype(np.float32)  # near-constant
+    outs = [output("mean"), output("max"), output("min")] + [
+        output(stat, std=c) for c in ("unbiased", "population") for stat in ("std", "max_abs_zscore")]
+    rows = block_statistics(z[:, None], np.zeros(len(z), np.int64), outs, 1)[0][:, 0]  # the kernel's, directly
+    v = {o.name: rows[:, j] for j, o in enumerate(outs)}
+    std = derivation(output("std", std="population"), K)
+    got_std = std.f(v["std_unbiased"])
+    np.testing.assert_allclose(got_std, v["std_population"], rtol=3e-7, atol=0)
+    # and the float64 formula's where float32 does not cancel (the kernel's own value is off on near-constant rows)
+    np.testing.assert_allclose(got_std[:250], z[:250].astype(np.float64).std(axis=1), rtol=4e-7)
+    mz = derivation(output("max_abs_zscore", std="population"), K)
+    assert [o.name for o in mz.sources] == ["mean", "max", "min", "std_population"]
+    got_mz = mz.f(v["mean"], v["max"], v["min"], got_std)
+    np.testing.assert_allclose(got_mz, v["max_abs_zscore_population"], rtol=5e-7, atol=0)
+    plain = v["max_abs_zscore_unbiased"] * np.float32(np.sqrt(K / (K - 1)))
+    near_constant = slice(250, 300)
+    assert (v["std_population"][near_constant] > 0).all() and (v["std_population"][near_constant] < 1e-6).all()
+    assert np.abs(plain[near_constant] / v["max_abs_zscore_population"][near_constant] - 1).max() > (
+        1e-3 if K < 1000 else 1e-5)
 
 
 def exact_values(store):
@@ -191,15 +237,66 @@ def test_an_overlay_takes_the_stores_exact_arrays(stores, tmp_path):
         assert set(got) == set(want) | ({"mean", "std"} if method == "mlt" else set())
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    # the population std: derived on read from the store's std_unbiased, neither written nor copied
+    done = compute_stats(path, dict(settings, std="population"), out=overlay, progress=False)
+    assert done["computed"] == ["ls_temperature_t3_population"] and "std_population" in done["up_to_date"]
+    assert "std_population" not in zarr.open_group(overlay, mode="r")["stats"]
+    np.testing.assert_allclose(read_stat(top, "ls_temperature", t_base=3.0, std="population", overlay=overlay)[...],
+                               3 * read_stat(dense, "std", std="population")[...], rtol=1e-6)
+
+
+def test_a_store_with_stage_1s_population_arrays_reads_them(stores, tmp_path):
+    """A lossy store written before stage 1 derived the population values, with its std_population and
+    max_abs_zscore_population: readers and stage 2 take those arrays as they are."""
+    shutil.copytree(stores["top2"]["cache"]["store"], tmp_path / "old.zarr")
+    store, dense = CacheStore.open(tmp_path / "old.zarr", mode="r+"), open_(stores["dense"])
+    outs = [output("std", std="population"), output("max_abs_zscore", std="population")]
+    rows = block_statistics(dense.logits[...], dense.labels[...], outs, 1)[0]  # the teacher's float32 logits
+    for j, o in enumerate(outs):  # as stage 1 wrote them then
+        a = create_array(store.group["stats"], o, store, store.samples_per_shard, {"exact": True, "source": STAGE1})
+        a[...] = rows[..., j]
+    assert seal_exact(store) == sorted(POPULATION)
+    for o in outs:
+        a = read_stat(store, o.statistic, **o.params)
+        assert isinstance(a, zarr.Array) and a.attrs["source"] == STAGE1, o.name
+        np.testing.assert_array_equal(a[...], read_stat(dense, o.statistic, **o.params)[...], err_msg=o.name)
+    settings = dict(stores["top2"]["stats"], std="population", t_base=3.0,
+                    statistics=["std", "max_abs_zscore", "ls_temperature", "mlt_temperature"])
+    done = compute_stats(store.path, settings, progress=False)
+    assert done["computed"] == ["ls_temperature_t3_population"]
+    assert set(done["up_to_date"]) == {*POPULATION, "mlt_temperature_population"}
+    a = read_stat(store, "ls_temperature", t_base=3.0, std="population")
+    assert a.attrs["source"] == "stage 2, 3.0 x stats/std_population (exact)"
+    np.testing.assert_array_equal(a[...], np.float32(3.0) * read_stat(dense, "std", std="population")[...])
+
+
+@pytest.mark.parametrize("method, params", [("mlt", {"unbiased_std": False}),
+                                            ("kd", {"standardize": True, "unbiased_std": False})])
+def test_stage3_in_the_population_convention_reads_derived_moments(stores, method, params):
+    """LS and the max-logit method with the population std on a top-2 store: the teacher's temperature and moments
+    stage 3 reads (the population std derived on read) are the dense store's, within float32 rounding."""
+    top, dense = open_(stores["top2"]), open_(stores["dense"])
+    m = build(method, params)
+    got, want = cached_stats(top, m), cached_stats(dense, m)
+    assert set(got) == set(want) | {"mean", "std"}
+    want.update(mean=read_stat(dense, "mean")[...], std=read_stat(dense, "std", std="population")[...])
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=key)
 
 
 def test_deriving_from_a_damaged_exact_array_is_refused(stores, tmp_path):
     shutil.copytree(stores["top2"]["cache"]["store"], tmp_path / "damaged.zarr")
     store = CacheStore.open(tmp_path / "damaged.zarr", mode="r+")
     store.group["stats"]["std_unbiased"][3, 5] = np.inf
-    with pytest.raises(StoreDamage, match=r"stats/std_unbiased at sample 3, view 5 holds NaN/Inf: inf"):
+    damage = r"stats/std_unbiased at sample 3, view 5 holds NaN/Inf: inf"
+    with pytest.raises(StoreDamage, match=damage):
         compute_stats(store.path, dict(stores["top2"]["stats"], statistics=["ls_temperature"], t_base=5.0),
                       progress=False)
+    with pytest.raises(StoreDamage, match=damage):  # through the population std, derived on read
+        compute_stats(store.path, dict(stores["top2"]["stats"], statistics=["ls_temperature"], t_base=5.0,
+                                       std="population"), progress=False)
+    with pytest.raises(StoreDamage, match=damage):  # stage 3's teacher moments
+        cached_stats(store, build("mlt", {"unbiased_std": False}))
 
 
 @pytest.mark.parametrize("method, params", [("mlt", {}), ("wttm", {"gamma": 0.1}), ("wttm", {"gamma": 0.3})])

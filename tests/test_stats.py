@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from kdcache.stages.cli import cli
 from kdcache.config import DEFAULTS
 from kdcache.errors import UserError
-from kdcache.losses import max_logit_temperature, standardize, teacher_power_sum
+from kdcache.losses import MLT_CONSTANT, max_logit_temperature, standardize, teacher_power_sum
 from kdcache.encodings import encode_logits
 from kdcache.stats import block_statistics, check_settings, derivation, number_name, output, plan_outputs
 from kdcache.store import CacheStore, manifest_sha256
@@ -185,11 +185,13 @@ def test_derived_temperatures_are_the_kernels_bit_for_bit(tmp_path, case):
                                                                     "mlt_temperature"])
         compute_stats(path, settings, progress=False)
         stats = zarr.open_group(path, mode="r")["stats"]
-        derived = [o for o in plan_outputs(check_settings(settings)) if derivation(o) is not None]
+        derived = [o for o in plan_outputs(check_settings(settings)) if o.statistic.endswith("temperature")]
         assert [o.statistic for o in derived] == ["ls_temperature", "mlt_temperature"]
         for o in derived:
-            source, factor = derivation(o)
-            np.testing.assert_array_equal(stats[o.name][...], np.float32(factor) * stats[source.name][...], o.name)
+            d = derivation(o, logits.shape[-1])
+            np.testing.assert_array_equal(stats[o.name][...], d.f(stats[d.sources[0].name][...]), o.name)
+            factor = o.params.get("t_base", MLT_CONSTANT)  # as float32: what `f` multiplies by
+            np.testing.assert_array_equal(stats[o.name][...], np.float32(factor) * stats[d.sources[0].name][...])
 
 
 def test_a_topk_store_without_exact_arrays_gets_approximate_ones_with_a_warning(tmp_path):
