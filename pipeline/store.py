@@ -218,10 +218,16 @@ class CacheStore:
         if diff:
             raise UserError(f"store {path} was built from a different manifest ({diff}); "
                             "use --overwrite to replace it or --out for a new store")
-        layout = create_args.get("layout", "sample-major")
-        if store.layout != layout:
-            raise UserError(f"store {path} has the layout {store.layout}, not the {layout} asked for (cache.layout); "
-                            "use --overwrite to replace it or --out for a new store")
+        # the chunking decides the Zarr-block order of stage 3 and, view-major, the samples that share a view
+        asked = {"cache.layout": create_args.get("layout", "sample-major"),
+                 "cache.samples_per_chunk": create_args.get("samples_per_chunk", 256),
+                 "cache.chunks_per_shard": create_args.get("chunks_per_shard", 16)}
+        has = {"cache.layout": store.layout, "cache.samples_per_chunk": store.samples_per_chunk,
+               "cache.chunks_per_shard": store.samples_per_shard // store.samples_per_chunk}
+        for key, value in asked.items():
+            if has[key] != value:
+                raise UserError(f"store {path} has {key} {has[key]}, not the {value} asked for; use --overwrite to "
+                                "replace it or --out for a new store")
         return store
 
     # ---- reading ----------------------------------------------------------------------------------

@@ -97,7 +97,8 @@ class Targets:
     def record(self) -> dict:
         """What result.json says about the targets."""
         return {"mode": self.mode, "targets": self.source.kind, "store": None, "store_fingerprint": None,
-                "stats_overlay": None, "teacher": None}
+                "stats_overlay": None, "teacher": None, "store_layout": None, "store_samples_per_chunk": None,
+                "view_group": self.view_group}
 
 
 class CachedTargets(Targets):
@@ -114,7 +115,8 @@ class CachedTargets(Targets):
 
     def record(self):
         return {**super().record(), "store": self.store.path, "store_fingerprint": self.fingerprint,
-                "stats_overlay": self.overlay, "teacher": self.store.manifest["teacher"]}
+                "stats_overlay": self.overlay, "teacher": self.store.manifest["teacher"],
+                "store_layout": self.store.layout, "store_samples_per_chunk": self.store.samples_per_chunk}
 
 
 class LiveTeacher(Targets):

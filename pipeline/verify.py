@@ -161,11 +161,11 @@ def verify_store(path, *, spot_check: int = 0, checkpoint=None, seed: int = 0, p
             values = _decode(a, rows, f"{where}: {name} shard {s} (samples {rows.start}..{rows.stop - 1})")
             _check_values(a, values, rows.start, K, space, image_size, where)
             _raise_if(bad_encoded_rows(name, values, store.entry, rows.start), where)
+            if name in view_digests:  # a view-major store: each view of each chunk, as a reader of one view checks it
+                recorded = view_digests[name][chunks_of(rows, store.samples_per_chunk)]  # (first: it names the view)
+                _raise_if(bad_digest(name, values, rows.start, store.samples_per_chunk, recorded), where)
             if digests is not None and name in digests:
                 recorded = digests[name][chunks_of(rows, store.samples_per_chunk)]
-                _raise_if(bad_digest(name, values, rows.start, store.samples_per_chunk, recorded), where)
-            if name in view_digests:  # a view-major store: each view of each chunk, as a reader of one view checks it
-                recorded = view_digests[name][chunks_of(rows, store.samples_per_chunk)]
                 _raise_if(bad_digest(name, values, rows.start, store.samples_per_chunk, recorded), where)
     for name, a in others:  # stats/: objects equal to the fill value may be absent
         for coords in _object_grid(a):

@@ -10,6 +10,7 @@ sums of the logits, so for those stage 1 also writes, from the float32 logits be
 statistics (`kdcache.stats.exact_outputs`, in stats/) with each shard, before it is recorded done, and seals
 them with the fingerprint when the store is complete: stage 2 and stage 3 use them instead of decoded values.
 """
+import logging
 import os
 import queue
 import threading
@@ -32,6 +33,9 @@ from kdcache.stats import block_statistics, check_settings, exact_arrays, seal_e
 from kdcache.store import CacheStore
 from kdcache.views import ViewSpace
 
+log = logging.getLogger(__name__)
+SHARED_CROP_CHUNK = 32  # view-major with `views: all`: above this many samples per chunk, students measurably lose
+
 
 def cache_teacher(cfg: dict, *, num_shards: int = 1, shard_index: int = 0, overwrite: bool = False,
                   progress: bool = True) -> CacheStore:
@@ -45,6 +49,10 @@ def cache_teacher(cfg: dict, *, num_shards: int = 1, shard_index: int = 0, overw
     data = load_dataset(dcfg["name"], "train", root=dcfg["root"], subset=dcfg["subset"], **dcfg["options"])
     space = ViewSpace.from_config(cfg["views"], data.image_size)
     entry = logits_entry(ccfg, data.num_classes)  # checks cache.encoding before the teacher runs
+    if ccfg["layout"] == "view-major" and space.all_views and ccfg["samples_per_chunk"] > SHARED_CROP_CHUNK:
+        log.warning(f"view-major with every crop_flip view cached: the {ccfg['samples_per_chunk']} samples of a chunk "
+                    "will share one crop per epoch in stage 3 (-0.28 points at 256 on Fashion-MNIST, docs/RESULTS.md); "
+                    f"use cache.samples_per_chunk <= {SHARED_CROP_CHUNK} or the sample-major layout")
     # a lossy store gets the exact per-row statistics at the stats section's gammas (checked before the teacher runs)
     settings = None if is_lossless(entry) else check_settings(cfg["stats"])
     rows = ccfg["samples_per_chunk"] * ccfg["chunks_per_shard"]  # zarr holds a whole shard in memory

@@ -166,6 +166,7 @@ def test_zarr_blocks_of_a_view_major_store_give_the_rows_memory_gives(view_major
 def test_training_on_a_view_major_store_takes_one_view_per_chunk_and_epoch(view_major_cfg, tmp_path, memory_gb):
     result, steps = train(view_major_cfg, tmp_path / "run", method="kd", epochs=2, memory_gb=memory_gb)
     assert result["targets"] == ("memory" if memory_gb else "zarr") and all(np.isfinite(s["loss"]) for s in steps)
+    assert (result["store_layout"], result["store_samples_per_chunk"], result["view_group"]) == ("view-major", 16, 16)
     c, per_epoch = view_major_cfg["cache"]["samples_per_chunk"], len(steps) // 2
     for epoch in range(2):
         seen = {}
@@ -207,13 +208,16 @@ def test_info_names_the_layout_and_a_store_of_another_layout_is_not_resumed(view
     assert "view_crc32c" in verify_store(view_major_cfg["cache"]["store"], progress=False)
     cfg = json.loads(json.dumps(view_major_cfg))
     cfg["cache"]["layout"] = "sample-major"
-    with pytest.raises(UserError, match="has the layout view-major, not the sample-major asked for"):
+    with pytest.raises(UserError, match="has cache.layout view-major, not the sample-major asked for"):
+        cache_teacher(cfg, progress=False)
+    cfg["cache"].update(layout="view-major", samples_per_chunk=8)  # the chunk: the samples sharing a view
+    with pytest.raises(UserError, match="has cache.samples_per_chunk 16, not the 8 asked for; use --overwrite"):
         cache_teacher(cfg, progress=False)
 
 
 @pytest.mark.parametrize("damage, message", [
     ("digest", r"logits samples 48\.\.63 view 5 .*view_crc32c"),  # found by verify, not first by a training run
-    ("rows", r"logits samples 0\.\.15 are not the rows written there"),
+    ("rows", r"logits samples 0\.\.15 view 1 are not the rows written there"),
     ("byte", r"crc32c")])
 def test_verify_finds_damage_to_one_view(view_major_cfg, tmp_path, damage, message):
     path = tmp_path / "copy.zarr"
@@ -233,6 +237,17 @@ def test_verify_finds_damage_to_one_view(view_major_cfg, tmp_path, damage, messa
         shard.write_bytes(bytes(data))
     with pytest.raises(CorruptStore, match=message):
         verify_store(path, progress=False)
+
+
+def test_view_major_with_every_crop_cached_warns_about_large_chunks(view_major_cfg, tmp_path, caplog):
+    cfg = json.loads(json.dumps(view_major_cfg))  # views: all of crop_flip: view v is the same crop of every sample
+    cfg["cache"].update(store=str(tmp_path / "c64.zarr"), samples_per_chunk=64)
+    cache_teacher(cfg, progress=False)
+    assert "the 64 samples of a chunk will share one crop per epoch" in caplog.text
+    caplog.clear()
+    cfg["cache"].update(store=str(tmp_path / "c32.zarr"), samples_per_chunk=32)
+    cache_teacher(cfg, progress=False)
+    assert "share one crop" not in caplog.text
 
 
 def test_an_unknown_layout_is_refused(tmp_path):
