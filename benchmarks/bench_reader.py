@@ -3,26 +3,35 @@ does not hold, side by side in one run.
 
 The store: N samples x V views x K = 1000 float16 teacher-like logits (`imagenet_like_logits` of
 bench_topk.py), written shard by shard with CacheStore as stage 1 writes it (default layout: 256-sample chunks,
-16 per shard, digests, blosc zstd 5 + shuffle), and a second store with blosc lz4 + shuffle (the candidate codec
-of `codec_table` that decodes fastest). Its images are a small synthetic data set (4 classes, 16x16, one
-channel: only CacheDataset replays them, and cheaply) whose fingerprint the manifest records.
+16 per shard, digests, blosc zstd 5 + shuffle). Two more stores of the same rows: one with blosc lz4 + shuffle
+(the candidate codec of `codec_table` that decodes fastest), and one in the view-major layout (format 1.3,
+`cache.layout: view-major`: an inner chunk holds one view of its 256 samples; same chunks, shards and codec). Its
+images are a small synthetic data set (4 classes, 16x16, one channel: only CacheDataset replays them, and cheaply)
+whose fingerprint the manifest records.
 
-Page-cache budget: zero pages of the store between epochs. Before every timed epoch of a Zarr reader each file of
-the store is fsync'ed and dropped from the page cache with os.posix_fadvise(POSIX_FADV_DONTNEED), so every epoch
-reads the whole store from the disk; the bytes read from the block device (/proc/self/io read_bytes: this
-process and its DataLoader workers, which are counted when they exit) are recorded per epoch to show it. The in-memory sources load the store once (timed apart).
+Page-cache budget: zero pages of the stores between epochs. Before every timed epoch of a Zarr reader each file of
+every store is fsync'ed and dropped from the page cache with os.posix_fadvise(POSIX_FADV_DONTNEED), so every epoch
+reads what it uses from the disk; the bytes read from the block device (/proc/self/io read_bytes: this process
+and its DataLoader workers, which are counted when they exit) are recorded per epoch to show it (a view-major
+epoch should read ~1/V of a sample-major one). The in-memory sources load the store once (timed apart).
 
-Timed, one epoch each, interleaved `--repeats` times, batch 256, the epoch order each source uses in stage 3:
-- memory: MemoryTargets (`train.memory_gb` large enough), the reference;
+Timed, one epoch each, interleaved `--repeats` times, batch 256, the epoch order and views each source uses in
+stage 3 (`epoch_views` with group = the store's `view_group`: 1 per sample, or one view per chunk in a view-major
+store):
+- memory: MemoryTargets (`train.memory_gb` large enough), the reference, with its own per-sample views;
+- memory-grouped: the same with the views chosen per 256-sample chunk (what a view-major store's epoch uses), to
+  show the reference does not depend on that choice;
 - zarr: ZarrTargets (`train.memory_gb: 0`, `train.chunks_per_block`);
 - zarr-lz4-store: the same on the lz4 store;
+- zarr-view-major: the same on the view-major store (one view of each chunk read per epoch);
 - zarr-compared (with --compare DIR): the ZarrTargets of another version's targets.py and store.py (DIR holds
-  both), for a before/after;
-- dataset-memory / dataset-zarr-w0 / dataset-zarr-w2: CacheDataset (targets loaded, or read from Zarr chunks)
-  + ChunkSampler through a DataLoader with 0 or 2 workers (these also replay the images).
+  both), on the default store, for a before/after;
+- dataset-memory / dataset-zarr-w0 / dataset-zarr-w2 / dataset-zarr-view-major: CacheDataset (targets loaded, or
+  read from Zarr chunks; the last on the view-major store, 0 workers) + ChunkSampler through a DataLoader with 0
+  or 2 workers (these also replay the images).
 Ratios are medians of the per-round ratios to the round's reference. Last, where a chunk read's time goes
-(`chunk_costs`): zarr alone, with the reader's checks, and the codec alone. `--codecs` instead measures the
-candidate codecs of the logits (`codec_table`: compression ratio and decode time per chunk).
+(`chunk_costs`, `view_chunk_costs`): zarr alone, with the reader's checks, and the codec alone. `--codecs` instead
+measures the candidate codecs of the logits (`codec_table`: compression ratio and decode time per chunk).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_reader.py [--samples 16384] [--views 8] [--repeats 5]
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_reader.py --codecs --out benchmarks/results/reader_codecs.json
@@ -58,8 +67,8 @@ from kdcache.views import ViewSpace  # noqa: E402
 BATCH = 256
 
 
-def write_store(path: Path, n: int, v: int) -> CacheStore:
-    """A complete K = 1000 store of n samples x v views, written shard by shard as stage 1 writes it."""
+def write_store(path: Path, n: int, v: int, layout: str = "sample-major") -> CacheStore:
+    """A complete K = 1000 store of n samples x v views in `layout`, written shard by shard as stage 1 writes it."""
     data = load_dataset("synthetic", "train", num_samples=n, num_classes=4, channels=1, size=16)
     space = ViewSpace.from_config({"kind": "crop_flip", "padding": 2, "flip": True, "views": v, "seed": 0},
                                   data.image_size)
@@ -67,7 +76,7 @@ def write_store(path: Path, n: int, v: int) -> CacheStore:
                 "dataset": data.describe(), "views": space.to_manifest(), "logits": {"dtype": "float16"},
                 "preprocessing": {"mean": list(data.mean), "std": list(data.std), "resolution": space.output_size}}
     store = CacheStore.create(path, manifest, num_samples=n, num_views=v, num_classes=K,
-                              num_params=space.num_params)
+                              num_params=space.num_params, layout=layout)
     for shard in range(store.num_shards):
         rows = store.shard_rows(shard)
         ids = np.arange(rows.start, rows.stop)
@@ -118,7 +127,9 @@ def disk_bytes() -> int:
     return 0
 
 
-def source_epoch(source, n: int, views, seed: int, epoch: int) -> int:
+def source_epoch(source, n: int, v: int, seed: int, epoch: int, group: int = 1) -> int:
+    """Batches of one epoch of a stage-3 source, with stage 3's views (`epoch_views`; group: `view_group`)."""
+    views = epoch_views(n, v, seed, epoch, group)
     return sum(1 for _ in source.batches(source.blocks(n, seed, epoch), views, BATCH, epoch))
 
 
@@ -157,6 +168,24 @@ def chunk_costs(store: CacheStore, repeats: int = 20) -> dict:
         out[f"blosc_{cname}_compression_ratio"] = values.nbytes / len(encoded)
     out["chunk_bytes"] = values.nbytes
     return out
+
+
+def view_chunk_costs(store: CacheStore, repeats: int = 20) -> dict:
+    """`chunk_costs` of one view of a chunk of rows of a view-major store: zarr's read of it, `read_view` (kdcache's
+    read + the checks + the view digest) and the zstd codec alone (median ms, page cache warm)."""
+    from numcodecs import Blosc
+    a, c, digests = store.per_sample["logits"], store.samples_per_chunk, store.recorded_view_digests()
+    rows = slice(0, c)
+    values = a[rows, 0]
+    codec = Blosc(cname="zstd", clevel=5, shuffle=Blosc.SHUFFLE)
+    encoded = codec.encode(values)
+    return {"zarr_read": ms(lambda: a[rows, 0], repeats),
+            "read_view": ms(lambda: store.read_view("logits", rows, 0, digests), repeats),
+            "blosc_zstd_decode": ms(lambda: codec.decode(encoded), repeats), "chunk_bytes": values.nbytes}
+
+
+def bytes_on_disk(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def codec_table(repeats: int = 15) -> list[dict]:
@@ -205,39 +234,51 @@ def main():
     kdcache.targets.READ_THREADS = args.threads
     n, v, seed = args.samples, args.views, 0
     with tempfile.TemporaryDirectory() as tmp:
-        path, lz4_path = Path(tmp) / "k1000.zarr", Path(tmp) / "k1000-lz4.zarr"
+        paths = {name: Path(tmp) / f"k1000-{name}.zarr" for name in ("lz4", "sample-major", "view-major")}
         with store_codec({"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}):
-            lz4_store = write_store(lz4_path, n, v)
+            lz4_store = write_store(paths["lz4"], n, v)
         start = time.perf_counter()
-        store = write_store(path, n, v)
-        print(f"store {n} x {v} x {K}: {sum(f.stat().st_size for f in path.rglob('*') if f.is_file()) / 2**20:.0f} MiB "
-              f"on disk, written in {time.perf_counter() - start:.0f} s", flush=True)
-        on_disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        store = write_store(paths["sample-major"], n, v)
+        print(f"store {n} x {v} x {K}: {bytes_on_disk(paths['sample-major']) / 2**20:.0f} MiB on disk, written in "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+        vm_store = write_store(paths["view-major"], n, v, "view-major")
+        group = vm_store.view_group  # stage 3's view choice on it: one view per chunk of rows and epoch
+        on_disk = {name: bytes_on_disk(path) for name, path in paths.items()}
         start = time.perf_counter()
         memory = MemoryTargets(store, {})
         load_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        MemoryTargets(vm_store, {})  # loading a view-major store whole: V chunk reads per chunk of rows
+        load_seconds_view_major = time.perf_counter() - start
         zarr_source = ZarrTargets(store, {}, args.chunks_per_block)
         lz4_source = ZarrTargets(lz4_store, {}, args.chunks_per_block)
-        readers = {"memory": lambda e: source_epoch(memory, n, epoch_views(n, v, seed, e), seed, e),
-                   "zarr": lambda e: source_epoch(zarr_source, n, epoch_views(n, v, seed, e), seed, e),
-                   "zarr-lz4-store": lambda e: source_epoch(lz4_source, n, epoch_views(n, v, seed, e), seed, e)}
+        vm_source = ZarrTargets(vm_store, {}, args.chunks_per_block)
+        readers = {"memory": lambda e: source_epoch(memory, n, v, seed, e),
+                   "memory-grouped": lambda e: source_epoch(memory, n, v, seed, e, group),
+                   "zarr": lambda e: source_epoch(zarr_source, n, v, seed, e),
+                   "zarr-lz4-store": lambda e: source_epoch(lz4_source, n, v, seed, e),
+                   "zarr-view-major": lambda e: source_epoch(vm_source, n, v, seed, e, group)}
         if args.compare:
             other_targets, other_store = load_version(args.compare)
-            compared = other_targets(other_store.open(path), {}, args.chunks_per_block)
-            readers["zarr-compared"] = lambda e: source_epoch(compared, n, epoch_views(n, v, seed, e), seed, e)
+            compared = other_targets(other_store.open(paths["sample-major"]), {}, args.chunks_per_block)
+            readers["zarr-compared"] = lambda e: source_epoch(compared, n, v, seed, e)
         if not args.skip_datasets:
-            in_memory = CacheDataset(path, memory_gb=1e9, cache_chunks=args.chunks_per_block)
-            chunked = CacheDataset(path, memory_gb=0, cache_chunks=args.chunks_per_block)
+            in_memory = CacheDataset(paths["sample-major"], memory_gb=1e9, cache_chunks=args.chunks_per_block)
+            chunked = CacheDataset(paths["sample-major"], memory_gb=0, cache_chunks=args.chunks_per_block)
+            vm_chunked = CacheDataset(paths["view-major"], memory_gb=0, cache_chunks=args.chunks_per_block)
             readers.update({"dataset-memory": lambda e: dataset_epoch(in_memory, 0, seed, e),
                             "dataset-zarr-w0": lambda e: dataset_epoch(chunked, 0, seed, e),
-                            "dataset-zarr-w2": lambda e: dataset_epoch(chunked, 2, seed, e)})
+                            "dataset-zarr-w2": lambda e: dataset_epoch(chunked, 2, seed, e),
+                            "dataset-zarr-view-major": lambda e: dataset_epoch(vm_chunked, 0, seed, e)})
         rate = {name: [] for name in readers}
         cpu_rate = {name: [] for name in readers}  # batches per CPU second of this process: robust to other jobs
         read = {name: [] for name in readers}
+        load = []  # the 1-minute load average at the start of each round: the other jobs on the machine
         for r in range(args.repeats):
+            load.append(os.getloadavg()[0])
             for name, epoch in readers.items():
-                evict(path)
-                evict(lz4_path)
+                for path in paths.values():
+                    evict(path)
                 before, start, cpu = disk_bytes(), time.perf_counter(), time.process_time()
                 batches = epoch(r)
                 rate[name].append(batches / (time.perf_counter() - start))
@@ -246,34 +287,39 @@ def main():
                 print(f"round {r + 1} {name}: {rate[name][-1]:.1f} batches/s ({cpu_rate[name][-1]:.1f} per CPU s), "
                       f"{read[name][-1] / 2**20:.0f} MiB read from disk", flush=True)
 
-        costs = {"zstd 5 store": chunk_costs(store), "lz4 store": chunk_costs(lz4_store)}
+        costs = {"zstd 5 store": chunk_costs(store), "lz4 store": chunk_costs(lz4_store),
+                 "view-major store, one view": view_chunk_costs(vm_store)}
         for what, c in costs.items():
             print(f"per chunk (ms), {what}: " + ", ".join(f"{k} {x:.2f}" for k, x in c.items()), flush=True)
-        lz4_on_disk = sum(f.stat().st_size for f in lz4_path.rglob("*") if f.is_file())
 
     def over(name, ref, rates=rate):
         return statistics.median(a / b for a, b in zip(rates[name], rates[ref]))
 
     result = {"samples": n, "views": v, "classes": K, "batch_size": BATCH, "chunks_per_block": args.chunks_per_block,
-              "store_bytes_on_disk": on_disk, "lz4_store_bytes_on_disk": lz4_on_disk,
-              "load_seconds_memory": load_seconds, "repeats": args.repeats, "read_threads": args.threads,
+              "store_bytes_on_disk": on_disk["sample-major"], "lz4_store_bytes_on_disk": on_disk["lz4"],
+              "view_major_store_bytes_on_disk": on_disk["view-major"], "view_group": group,
+              "load_seconds_memory": load_seconds, "load_seconds_memory_view_major": load_seconds_view_major,
+              "repeats": args.repeats, "read_threads": args.threads,
               "page_cache": "every store file fsync'ed + POSIX_FADV_DONTNEED before each timed epoch",
-              "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+              "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "load_average_1min": load,
               "batches_per_second": rate, "batches_per_cpu_second": cpu_rate, "disk_bytes_read_per_epoch": read,
               "median_batches_per_second": {k: statistics.median(x) for k, x in rate.items()},
               "median_batches_per_cpu_second": {k: statistics.median(x) for k, x in cpu_rate.items()},
-              "ratio_zarr_over_memory": over("zarr", "memory"),
-              "ratio_zarr_over_memory_cpu": over("zarr", "memory", cpu_rate),
-              "ratio_zarr-lz4-store_over_memory": over("zarr-lz4-store", "memory"),
-              "ratio_zarr-lz4-store_over_memory_cpu": over("zarr-lz4-store", "memory", cpu_rate),
+              "median_disk_bytes_read_per_epoch": {k: statistics.median(x) for k, x in read.items()},
+              "ratio_memory-grouped_over_memory": over("memory-grouped", "memory"),
+              "ratio_zarr-view-major_over_memory-grouped": over("zarr-view-major", "memory-grouped"),
+              "ratio_zarr-view-major_over_zarr": over("zarr-view-major", "zarr"),
               "chunk_costs_ms": costs}
+    for name in ("zarr", "zarr-lz4-store", "zarr-view-major"):
+        result[f"ratio_{name}_over_memory"] = over(name, "memory")
+        result[f"ratio_{name}_over_memory_cpu"] = over(name, "memory", cpu_rate)
     if args.compare:
         result.update(compared=args.compare, ratio_compared_over_memory=over("zarr-compared", "memory"),
                       ratio_zarr_over_compared=over("zarr", "zarr-compared"),
                       ratio_compared_over_memory_cpu=over("zarr-compared", "memory", cpu_rate))
     if not args.skip_datasets:
         result.update({f"ratio_{name}_over_dataset-memory": over(name, "dataset-memory")
-                       for name in ("dataset-zarr-w0", "dataset-zarr-w2")})
+                       for name in ("dataset-zarr-w0", "dataset-zarr-w2", "dataset-zarr-view-major")})
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: x for k, x in result.items() if k.startswith(("median", "ratio", "load"))}, indent=1))
 

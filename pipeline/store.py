@@ -594,6 +594,8 @@ def whole_chunks(a: zarr.Array, rows: slice, layout: tuple, view: int | None = N
         finally:
             os.close(fd)
     return out if view is None or one_view else out[:, view]
+
+
 def _shard_index(fd: int, n: int) -> list[list[int]]:
     """The (offset, nbytes) of the n inner chunks of a shard file (its index at the end, crc32c-checked)."""
     size = os.fstat(fd).st_size

@@ -260,8 +260,8 @@ class ZarrTargets(Source):
         c, n, k = self.store.samples_per_chunk, self.store.views.shape[0], self.store.num_classes
         names, chunk_of = self.store.logit_arrays, rows // c
         if self.store.view_major:
-            pairs = np.unique(np.stack([chunk_of, views], axis=1), axis=0)
-            reads = [(pair[:1], int(pair[1])) for pair in pairs]
+            V = self.store.views.shape[1]
+            reads = [(np.array([key // V]), int(key % V)) for key in np.unique(chunk_of * V + views)]
         else:
             reads = [(run, None) for run in chunk_runs(np.unique(chunk_of), c, self.store.samples_per_shard)]
 
