@@ -34,6 +34,8 @@ have kdcache installed.
 """
 import contextlib
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dask
@@ -313,8 +315,14 @@ def _scheduler(address, workers, progress):
         from dask.diagnostics import ProgressBar
 
         def run(collections):
-            with _torch_threads(1), (ProgressBar() if progress else contextlib.nullcontext()):
-                dask.compute(*collections, scheduler="threads")
+            # our own pool, drained before returning: when a task fails (a full disk) the others already running
+            # finish their writes (zarr removes a write it could not finish) before the error reaches the caller
+            pool = ThreadPoolExecutor(os.cpu_count() or 1)
+            try:
+                with _torch_threads(1), (ProgressBar() if progress else contextlib.nullcontext()):
+                    dask.compute(*collections, scheduler="threads", pool=pool)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
         yield run
         return
     from distributed import progress as show_progress
