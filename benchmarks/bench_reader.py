@@ -35,12 +35,15 @@ measures the candidate codecs of the logits (`codec_table`: compression ratio an
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_reader.py [--samples 16384] [--views 8] [--repeats 5]
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_reader.py --codecs --out benchmarks/results/reader_codecs.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_reader.py --write-cost --samples 8192 --views 8 --repeats 3 \
+        --out benchmarks/results/reader_write_cost.json     # stage 1's writing cost of each layout
 """
 import argparse
 import contextlib
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -213,6 +216,41 @@ def codec_table(repeats: int = 15) -> list[dict]:
     return table
 
 
+def write_cost(n: int, v: int, repeats: int) -> dict:
+    """Stage 1's writing cost of each layout: the same rows (precomputed) written shard by shard with
+    `CacheStore.write_shard` (encode, compress, digests) into a new store of each layout, interleaved `repeats`
+    times; seconds (wall and CPU) per store and the bytes it takes."""
+    data = load_dataset("synthetic", "train", num_samples=n, num_classes=4, channels=1, size=16)
+    space = ViewSpace.from_config({"kind": "crop_flip", "padding": 2, "flip": True, "views": v, "seed": 0},
+                                  data.image_size)
+    manifest = {"teacher": {"arch": "synthetic", "num_classes": K}, "logits": {"dtype": "float16"}}
+    store_kw = dict(num_samples=n, num_views=v, num_classes=K, num_params=space.num_params)
+    shards = -(-n // (256 * 16))
+    rows = [imagenet_like_logits(min(4096, n - 4096 * s), v, seed=s) for s in range(shards)]
+    params = space.sample_params(np.arange(n), data.image_size)
+    times = {layout: [] for layout in LAYOUT_NAMES}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            for layout in LAYOUT_NAMES if r % 2 == 0 else LAYOUT_NAMES[::-1]:
+                path = Path(tmp) / f"{layout}-{r}.zarr"
+                store = CacheStore.create(path, manifest, layout=layout, **store_kw)
+                wall, cpu = time.perf_counter(), time.process_time()
+                for shard, (z, y) in enumerate(rows):
+                    at = store.shard_rows(shard)
+                    store.write_shard(shard, z.astype(np.float16), params[at], y)
+                times[layout].append((time.perf_counter() - wall, time.process_time() - cpu, bytes_on_disk(path)))
+                shutil.rmtree(path)
+    out = {layout: {"wall_s": statistics.median(t[0] for t in ts), "cpu_s": statistics.median(t[1] for t in ts),
+                    "bytes": ts[0][2]} for layout, ts in times.items()}
+    out["view_major_over_sample_major_wall"] = out["view-major"]["wall_s"] / out["sample-major"]["wall_s"]
+    out["view_major_over_sample_major_cpu"] = out["view-major"]["cpu_s"] / out["sample-major"]["cpu_s"]
+    print(json.dumps(out, indent=1), flush=True)
+    return out
+
+
+LAYOUT_NAMES = ("sample-major", "view-major")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=16384)
@@ -226,10 +264,16 @@ def main():
     ap.add_argument("--threads", type=int, default=kdcache.targets.READ_THREADS,
                     help="kdcache.targets.READ_THREADS, the threads reading a block's chunks")
     ap.add_argument("--codecs", action="store_true", help="only the codec table (`codec_table`)")
+    ap.add_argument("--write-cost", action="store_true", help="only stage 1's writing cost of each layout "
+                                                              "(`write_cost`)")
     ap.add_argument("--out", default="benchmarks/results/reader.json")
     args = ap.parse_args()
     if args.codecs:
         Path(args.out).write_text(json.dumps({"cpus": os.cpu_count(), "codecs": codec_table()}, indent=1))
+        return
+    if args.write_cost:
+        Path(args.out).write_text(json.dumps({"samples": args.samples, "views": args.views, "cpus": os.cpu_count(),
+                                              **write_cost(args.samples, args.views, args.repeats)}, indent=1))
         return
     kdcache.targets.READ_THREADS = args.threads
     n, v, seed = args.samples, args.views, 0
