@@ -306,14 +306,7 @@ class CacheStore:
     def recorded_digests(self) -> dict[str, np.ndarray] | None:
         """{array name: (C,) uint32 crc32c per inner chunk of rows} as written (`rows_crc32c`); None for a store
         written before format 1.1, which has none. Small (4 bytes per chunk and array): read whole."""
-        if self.digests is None:
-            return None
-        with reading(self.path, self.digests, slice(0, self.digests.shape[0])):
-            table = self.digests[...]
-        names = self.digests.attrs.get("arrays")
-        if not isinstance(names, list) or len(names) != table.shape[1]:
-            raise StoreDamage(f"store {self.path}: {DIGESTS} has no valid 'arrays' attribute: its zarr.json is damaged")
-        return {name: table[:, j] for j, name in enumerate(names)}
+        return self._digest_table(self.digests)
 
     def read_rows(self, name: str, rows: slice, digests: dict | None) -> np.ndarray:
         """Rows `rows` (whole chunks) of per-sample array `name`, checked as they are read (`check_rows`) against
@@ -329,15 +322,20 @@ class CacheStore:
     def recorded_view_digests(self) -> dict[str, np.ndarray] | None:
         """{logit array name: (C, V) uint32 crc32c per inner chunk of rows and view} of a view-major store (what a
         reader of one view checks, `rows_crc32c` with the view); None for a sample-major store."""
-        if self.view_digests is None:
+        return self._digest_table(self.view_digests)
+
+    def _digest_table(self, a: zarr.Array | None) -> dict[str, np.ndarray] | None:
+        """A digest array (`chunk_crc32c`, `view_crc32c`: its last axis the arrays its `arrays` attribute names)
+        read whole, split by array; None for a store without it."""
+        if a is None:
             return None
-        with reading(self.path, self.view_digests, slice(0, self.view_digests.shape[0])):
-            table = self.view_digests[...]
-        names = self.view_digests.attrs.get("arrays")
-        if not isinstance(names, list) or len(names) != table.shape[2]:
-            raise StoreDamage(f"store {self.path}: {VIEW_DIGESTS} has no valid 'arrays' attribute: its zarr.json is "
+        with reading(self.path, a, slice(0, a.shape[0])):
+            table = a[...]
+        names = a.attrs.get("arrays")
+        if not isinstance(names, list) or len(names) != table.shape[-1]:
+            raise StoreDamage(f"store {self.path}: {a.basename} has no valid 'arrays' attribute: its zarr.json is "
                               "damaged")
-        return {name: table[:, :, j] for j, name in enumerate(names)}
+        return {name: table[..., j] for j, name in enumerate(names)}
 
     def read_view(self, name: str, rows: slice, view: int, view_digests: dict) -> np.ndarray:
         """View `view` of rows `rows` (whole chunks) of logit array `name` of a view-major store, (n, ...): only that
