@@ -54,6 +54,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_grid.py
 	$(BIN)/python benchmarks/bench_topk.py
 	$(BIN)/kdcache cache-teacher --config configs/frontier/fmnist.yaml && OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_frontier.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_reader.py
 
 demo: setup  ## one teacher pass, every method on a small student, the table, the saving and plots (~7 min)
 	@[ -f checkpoints/demo/fmnist_resnet.pt ] || $(BIN)/kdcache train-teacher --config configs/fashion-mnist.yaml \
