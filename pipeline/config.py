@@ -20,7 +20,7 @@ import yaml
 
 from kdcache.data import check_dataset
 from kdcache.encodings import logits_entry
-from kdcache.errors import UserError, is_int, is_number
+from kdcache.errors import UserError, colon_hint, is_int, is_number
 from kdcache.methods import build
 from kdcache.stats import check_settings
 from kdcache.store import LAYOUTS
@@ -125,7 +125,7 @@ def merge(base: dict, update: dict, where: str = "") -> dict:
             out[key] = {**base[key], **value}
             continue
         if key not in base:
-            raise UserError(f"unknown config key '{name}' (known here: {', '.join(sorted(base))})")
+            raise UserError(f"unknown config key '{name}' (known here: {', '.join(sorted(base))}){colon_hint([key])}")
         if isinstance(base[key], dict) and not isinstance(value, dict):
             raise UserError(f"config key '{name}' must be a mapping, got {value!r}")
         if isinstance(base[key], dict) and base[key]:

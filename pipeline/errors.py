@@ -1,5 +1,6 @@
 """The exception for user mistakes (the CLI prints its message on one line and exits 1), its kind for damaged
-stores, the two value checks every config check uses, and the dict difference that mismatch messages name."""
+stores, the two value checks every config check uses, the dict difference that mismatch messages name, and the hint
+for a YAML key that swallowed its value."""
 import math
 
 
@@ -36,3 +37,10 @@ def first_difference(old: dict, new: dict, *, ignore=(), old_name: str = "there"
         elif a != b:
             return f"{where}{key}: {a!r} {old_name}, {b!r} now"
     return ""
+
+
+def colon_hint(keys) -> str:
+    """The reason when an unknown key holds a colon: YAML reads `{T:4}` (no space after the colon) as the key 'T:4'
+    with no value, a common slip in `--set 'train.params={T:4}'`."""
+    return (" (YAML reads {T:4} as the one key 'T:4': put a space after each colon, {T: 4})"
+            if any(":" in str(k) for k in keys) else "")

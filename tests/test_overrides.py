@@ -69,6 +69,20 @@ def test_sets_are_checked_like_the_file(item, message):
         load_config(SMOKE, sets=[item])
 
 
+@pytest.mark.parametrize("item, message", [
+    ("train.params={T:4,w_kd:0.9}", "unknown parameter(s) T:4, w_kd:0.9 for method 'kd'; allowed: "),
+    ("train={epochs:3}", "unknown config key 'train.epochs:3'"),
+])
+def test_a_key_without_a_space_after_its_colon_is_named(item, message):
+    """YAML reads {T:4} as the one key 'T:4' (no value): the message says so."""
+    with pytest.raises(UserError) as e:
+        load_config(SMOKE, sets=[item])
+    assert message in str(e.value) and str(e.value).endswith("put a space after each colon, {T: 4})")
+    with pytest.raises(UserError) as e:
+        load_config(SMOKE, sets=["train.params={temp: 4}"])
+    assert "colon" not in str(e.value)
+
+
 # ---- every command ------------------------------------------------------------------------------
 
 class Captured(UserError):

@@ -1,7 +1,7 @@
 """What every distillation method is: parameters with published defaults and their checks, the stage-2
 statistics it reads, and its loss. A run builds its method once; the per-step `loss` checks nothing."""
 from kdcache.encodings import Sampled
-from kdcache.errors import UserError, is_int, is_number
+from kdcache.errors import UserError, colon_hint, is_int, is_number
 
 # The checks a parameter's value passes: (is it valid, what it must be, normalise).
 POSITIVE = (lambda v: is_number(v) and v > 0, "a number > 0", float)
@@ -25,8 +25,8 @@ class Method:
         params = dict(params or {})
         unknown = sorted(set(params) - set(self.parameters))
         if unknown:
-            raise UserError(f"unknown parameter(s) {', '.join(unknown)} for method {name!r}; "
-                            f"allowed: {', '.join(self.parameters)}")
+            raise UserError(f"unknown parameter(s) {', '.join(map(str, unknown))} for method {name!r}; "
+                            f"allowed: {', '.join(self.parameters)}{colon_hint(unknown)}")
         defaults = {k: default for k, (default, _) in self.parameters.items()}
         if params.get("standardize") is True:
             defaults.update(self.ls_defaults)
